@@ -1,0 +1,89 @@
+/**
+ * Typed errors of custom-diffusion. Every error the library throws is a {@link CustomDiffusionError};
+ * its `code` is stable and machine-readable, its message says what went wrong and what to do.
+ *
+ * @packageDocumentation
+ */
+
+/** Base class of every error thrown by this library. */
+export class CustomDiffusionError extends Error {
+  /** A stable machine-readable code, e.g. `SAFETENSORS_FORMAT`. */
+  readonly code: string;
+
+  constructor(message: string, code = 'CUSTOM_DIFFUSION_ERROR', options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+/** LibTorch could not be found, or the native addon could not be loaded against it. */
+export class NativeLoadError extends CustomDiffusionError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, 'NATIVE_LOAD', options);
+  }
+}
+
+/** An error raised inside LibTorch or our native code (shape mismatch, out of memory, ...). */
+export class NativeError extends CustomDiffusionError {
+  constructor(message: string, code = 'NATIVE', options?: { cause?: unknown }) {
+    super(message, code, options);
+  }
+}
+
+/** The native layer ran out of memory (host or device). */
+export class OutOfMemoryError extends NativeError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, 'OUT_OF_MEMORY', options);
+  }
+}
+
+/** A safetensors file is malformed; `file` and (where known) `tensor` name the culprit. */
+export class SafetensorsError extends CustomDiffusionError {
+  readonly file: string;
+  readonly tensor: string | undefined;
+
+  constructor(message: string, file: string, tensor?: string, options?: { cause?: unknown }) {
+    super(message, 'SAFETENSORS_FORMAT', options);
+    this.file = file;
+    this.tensor = tensor;
+  }
+}
+
+/** A file could not be read or written (missing, permission denied, disk full). */
+export class FileError extends CustomDiffusionError {
+  readonly file: string;
+
+  constructor(message: string, file: string, options?: { cause?: unknown }) {
+    super(message, 'FILE', options);
+    this.file = file;
+  }
+}
+
+/** An argument was invalid (wrong type, out of range, unknown name). */
+export class InvalidArgumentError extends CustomDiffusionError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, 'INVALID_ARGUMENT', options);
+  }
+}
+
+/** A requested device (e.g. `cuda:1`) is not available in this LibTorch or on this machine. */
+export class DeviceUnavailableError extends CustomDiffusionError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, 'DEVICE_UNAVAILABLE', options);
+  }
+}
+
+/** Work was cancelled through an AbortSignal. */
+export class AbortError extends CustomDiffusionError {
+  constructor(message = 'The operation was aborted.', options?: { cause?: unknown }) {
+    super(message, 'ABORT_ERR', options);
+  }
+}
+
+/** A tensor was used after `dispose()`. */
+export class DisposedError extends CustomDiffusionError {
+  constructor(message = 'This tensor was disposed; it can no longer be used.') {
+    super(message, 'DISPOSED');
+  }
+}
