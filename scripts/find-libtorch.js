@@ -183,6 +183,12 @@ function linkFlags(info) {
   return flags;
 }
 
+function announce(info) {
+  process.stderr.write(
+    `custom-diffusion: using LibTorch ${info.version} (${info.cuda ? 'CUDA' : 'CPU'}, C++11 ABI ${info.cxx11Abi}) from ${info.source}: ${info.root}\n`,
+  );
+}
+
 function main(argv) {
   const what = argv[2] || '--json';
   let info;
@@ -197,7 +203,11 @@ function main(argv) {
       process.stdout.write(JSON.stringify({ ...info, linkFlags: linkFlags(info) }, null, 2) + '\n');
       break;
     case '--include':
+      announce(info);
       process.stdout.write(info.includeDirs.join(' ') + '\n');
+      break;
+    case '--identity':
+      process.stdout.write(info.identity + '\n');
       break;
     case '--defines':
       process.stdout.write(info.defines.join(' ') + '\n');
@@ -221,9 +231,7 @@ function main(argv) {
       );
       break;
     case '--announce':
-      process.stderr.write(
-        `custom-diffusion: using LibTorch ${info.version} (${info.cuda ? 'CUDA' : 'CPU'}, C++11 ABI ${info.cxx11Abi}) from ${info.source}: ${info.root}\n`,
-      );
+      announce(info);
       break;
     default:
       process.stderr.write(`unknown option ${what}\n`);
