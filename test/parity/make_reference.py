@@ -44,7 +44,7 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -118,11 +118,11 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(16, 32, 32),  # 3 blocks -> 2 downsamplers -> spatial factor 4
+    block_out_channels=(8, 16, 16),  # 3 blocks -> 2 downsamplers -> spatial factor 4
     layers_per_block=1,
     act_fn="silu",
     latent_channels=4,
-    norm_num_groups=8,
+    norm_num_groups=4,  # deliberately != the UNet's 8 (and != SD's 32): read it from the config
     sample_size=32,
     scaling_factor=0.18215,
 )
@@ -235,6 +235,14 @@ def build_model_folder(cfg_name: str, cfg: dict, model_dir: str) -> dict:
     # scheduler/: the hub json verbatim (absent keys change from_config() behaviour)
     sched_cfg = dict(cfg["scheduler"])
     pc.write_json(os.path.join(model_dir, "scheduler", "scheduler_config.json"), sched_cfg)
+    # text_encoder/: transformers 5.x saves CLIPTextModel keys without the "text_model." prefix that
+    # every hub SD checkpoint (and transformers 4.x) uses; restore the hub layout (5.x strips the
+    # prefix again on load).
+    te_file = os.path.join(model_dir, "text_encoder", "model.safetensors")
+    te_sd = load_file(te_file)
+    if not all(k.startswith("text_model.") for k in te_sd):
+        te_sd = {("text_model." + k if not k.startswith("text_model.") else k): v for k, v in te_sd.items()}
+        save_file(te_sd, te_file, metadata={"format": "pt"})
     # model_index.json must name the scheduler class the json declares
     mi_path = os.path.join(model_dir, "model_index.json")
     with open(mi_path, encoding="utf-8") as f:
@@ -246,7 +254,7 @@ def build_model_folder(cfg_name: str, cfg: dict, model_dir: str) -> dict:
 
 
 def load_pipeline(model_dir: str) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.eval()
@@ -260,13 +268,52 @@ def load_pipeline(model_dir: str) -> StableDiffusionPipeline:
 # UNet cases
 
 
-def unet_inputs(case: Case, ctx_dim: int, batch: int = 2, hw=(LATENT, LATENT), timesteps=None):
-    sample = case.randn("sample", (batch, 4) + tuple(hw))
+def unet_inputs(case: Case, ctx_dim: int, batch: int = 2, hw=(LATENT, LATENT), timesteps=None, shared=None):
+    """sample / timesteps / encoder_hidden_states; `shared` names a key prefix so that several
+    cases get bit-identical inputs (their `out` tensors are then identical too)."""
+    def r(name, shape):
+        t = pc.randn(f"{case.cfg}/{shared}/{name}", shape) if shared else pc.randn(case.key(name), shape)
+        case.inp(name, t)
+        return t
+
+    sample = r("sample", (batch, 4) + tuple(hw))
     if timesteps is None:
         timesteps = torch.tensor([10, 900], dtype=torch.int64)[:batch]
     case.inp("timesteps", timesteps)
-    ehs = case.randn("encoder_hidden_states", (batch, 77, ctx_dim))
-    return sample, timesteps, ehs
+    ehs = r("encoder_hidden_states", (batch, 77, ctx_dim))
+    grad_out = r("grad_out", (batch, 4) + tuple(hw)) if shared else None
+    return sample, timesteps, ehs, grad_out
+
+
+def _custom_diffusion_processors(unet, train_q_out: bool) -> dict:
+    """diffusers' CustomDiffusionAttnProcessor on every attention layer, as the Custom Diffusion
+    training script installs them (attn1: plain; attn2: train_kv, optionally train_q_out), with the
+    processor's own weights copied from the layer's weights."""
+    attn_mods = {n: m for n, m in unet.named_modules() if n.endswith((".attn1", ".attn2"))}
+    procs = {}
+    for pname in unet.attn_processors:
+        mname = pname[: -len(".processor")]
+        m = attn_mods[mname]
+        if mname.endswith(".attn2"):
+            p = CustomDiffusionAttnProcessor(
+                train_kv=True,
+                train_q_out=train_q_out,
+                hidden_size=m.to_q.out_features,
+                cross_attention_dim=m.to_k.in_features,
+            )
+            with torch.no_grad():
+                p.to_k_custom_diffusion.weight.copy_(m.to_k.weight)
+                p.to_v_custom_diffusion.weight.copy_(m.to_v.weight)
+                if train_q_out:
+                    p.to_q_custom_diffusion.weight.copy_(m.to_q.weight)
+                    p.to_out_custom_diffusion[0].weight.copy_(m.to_out[0].weight)
+                    p.to_out_custom_diffusion[0].bias.copy_(m.to_out[0].bias)
+        else:
+            p = CustomDiffusionAttnProcessor(
+                train_kv=False, train_q_out=False, hidden_size=m.to_q.out_features, cross_attention_dim=None
+            )
+        procs[pname] = p
+    return procs
 
 
 def unet_cases(cfg_name: str, pipe) -> list[Case]:
@@ -275,7 +322,7 @@ def unet_cases(cfg_name: str, pipe) -> list[Case]:
     cases = []
 
     c = Case(cfg_name, "unet_forward", "UNet forward, batch 2, int64 timesteps [10, 900].")
-    s, t, e = unet_inputs(c, ctx)
+    s, t, e, _ = unet_inputs(c, ctx)
     with torch.no_grad():
         c.exp("out", unet(s, t, encoder_hidden_states=e).sample)
     cases.append(c)
@@ -285,7 +332,7 @@ def unet_cases(cfg_name: str, pipe) -> list[Case]:
         "unet_forward_float_t",
         "UNet forward with ONE float32 timestep (shape [1], value 537.25) broadcast over the batch of 2.",
     )
-    s, t, e = unet_inputs(c, ctx, timesteps=torch.tensor([537.25], dtype=torch.float32))
+    s, t, e, _ = unet_inputs(c, ctx, timesteps=torch.tensor([537.25], dtype=torch.float32))
     with torch.no_grad():
         c.exp("out", unet(s, t, encoder_hidden_states=e).sample)
     cases.append(c)
@@ -293,112 +340,93 @@ def unet_cases(cfg_name: str, pipe) -> list[Case]:
     c = Case(
         cfg_name,
         "unet_forward_odd",
-        "UNet forward on a 6x10 latent (not divisible by 4): down 6x10 -> 3x5 -> 2x3; every upsampler "
+        "UNet forward on a 6x10 latent (not divisible by 4): down 6x10 -> 3x5 -> 2x3; each upsampler "
         "interpolates (mode 'nearest') to the spatial size of the skip it is concatenated with next "
         "(2x3 -> 3x5 -> 6x10).",
     )
-    s, t, e = unet_inputs(c, ctx, batch=1, hw=(6, 10), timesteps=torch.tensor([500], dtype=torch.int64))
+    s, t, e, _ = unet_inputs(c, ctx, batch=1, hw=(6, 10), timesteps=torch.tensor([500], dtype=torch.int64))
     with torch.no_grad():
         c.exp("out", unet(s, t, encoder_hidden_states=e).sample)
     cases.append(c)
 
     attn2_names = [n for n, _ in unet.named_parameters() if ".attn2." in n]
     kv_names = [n for n in attn2_names if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    params = dict(unet.named_parameters())
 
-    for variant, train_names in (("", kv_names), ("_crossattn", attn2_names)):
-        c = Case(
-            cfg_name,
-            f"unet_backward{variant}",
-            "loss = sum(out * grad_out); gradients w.r.t. "
-            + ("every attn2.to_k.weight / attn2.to_v.weight" if not variant else "every attn2 parameter")
-            + " and encoder_hidden_states. Plain diffusers attention (no BOS detach).",
-        )
-        s, t, e = unet_inputs(c, ctx)
-        g_out = c.randn("grad_out", (2, 4, LATENT, LATENT))
-        params = dict(unet.named_parameters())
-        for n in train_names:
-            params[n].requires_grad_(True)
-            params[n].grad = None
-        e = e.clone().requires_grad_(True)
-        out = unet(s, t, encoder_hidden_states=e).sample
-        (out * g_out).sum().backward()
-        c.exp("out", out)
-        for n in train_names:
-            c.exp(f"grad.{n}", params[n].grad)
-            params[n].requires_grad_(False)
-            params[n].grad = None
-        c.exp("grad.encoder_hidden_states", e.grad)
-        c.params["trainable"] = train_names
-        cases.append(c)
+    # ---- plain diffusers attention: gradients of all attn2 parameters
+    c = Case(
+        cfg_name,
+        "unet_backward",
+        "loss = sum(out * grad_out) with plain diffusers attention; gradients of every attn2 parameter "
+        "(to_q.weight, to_k.weight, to_v.weight, to_out.0.weight, to_out.0.bias) and of "
+        "encoder_hidden_states. A parameter's gradient does not depend on which other parameters require "
+        "grad, so freeze_model='crossattn_kv' checks params.kv_params and freeze_model='crossattn' checks "
+        "params.crossattn_params. Inputs are identical to unet_backward_bos_detach.",
+    )
+    s, t, e, g_out = unet_inputs(c, ctx, shared="unet_backward_inputs")
+    for n in attn2_names:
+        params[n].requires_grad_(True)
+        params[n].grad = None
+    e = e.clone().requires_grad_(True)
+    out = unet(s, t, encoder_hidden_states=e).sample
+    (out * g_out).sum().backward()
+    c.exp("out", out)
+    for n in attn2_names:
+        c.exp(f"grad.{n}", params[n].grad)
+        params[n].requires_grad_(False)
+        params[n].grad = None
+    c.exp("grad.encoder_hidden_states", e.grad)
+    c.params.update({"kv_params": kv_names, "crossattn_params": attn2_names})
+    cases.append(c)
 
-    # Custom Diffusion training attention: K/V of token 0 (BOS) detached in attn2.
-    for variant, train_q_out in (("", False), ("_crossattn", True)):
-        c = Case(
-            cfg_name,
-            f"unet_backward_bos_detach{variant}",
-            "Like unet_backward" + variant + " but with diffusers' CustomDiffusionAttnProcessor "
-            "(the Custom Diffusion training attention) on every attention layer: in attn2 the key/value "
-            "rows of token 0 are detached (forward unchanged, no gradient flows through K/V of position 0, "
-            "so grad.encoder_hidden_states[:, 0] only sees ... nothing: it is exactly 0). Gradients are "
-            "reported under the plain attn2 parameter names.",
-        )
-        s, t, e = unet_inputs(c, ctx)
-        g_out = c.randn("grad_out", (2, 4, LATENT, LATENT))
-        old_procs = unet.attn_processors
-        procs = {}
-        attn_mods = {n: m for n, m in unet.named_modules() if n.endswith((".attn1", ".attn2"))}
-        for pname in old_procs:
-            mname = pname[: -len(".processor")]
-            m = attn_mods[mname]
-            if mname.endswith(".attn2"):
-                p = CustomDiffusionAttnProcessor(
-                    train_kv=True,
-                    train_q_out=train_q_out,
-                    hidden_size=m.to_q.out_features,
-                    cross_attention_dim=m.to_k.in_features,
-                )
-                with torch.no_grad():
-                    p.to_k_custom_diffusion.weight.copy_(m.to_k.weight)
-                    p.to_v_custom_diffusion.weight.copy_(m.to_v.weight)
-                    if train_q_out:
-                        p.to_q_custom_diffusion.weight.copy_(m.to_q.weight)
-                        p.to_out_custom_diffusion[0].weight.copy_(m.to_out[0].weight)
-                        p.to_out_custom_diffusion[0].bias.copy_(m.to_out[0].bias)
-            else:
-                p = CustomDiffusionAttnProcessor(
-                    train_kv=False, train_q_out=False, hidden_size=m.to_q.out_features, cross_attention_dim=None
-                )
-            procs[pname] = p
-        unet.set_attn_processor(procs)
-        mapping = {}
-        for pname, p in procs.items():
-            base = pname[: -len(".processor")]
-            if not base.endswith(".attn2"):
-                continue
-            pairs = [("to_k_custom_diffusion.weight", "to_k.weight"), ("to_v_custom_diffusion.weight", "to_v.weight")]
-            if train_q_out:
-                pairs += [
-                    ("to_q_custom_diffusion.weight", "to_q.weight"),
-                    ("to_out_custom_diffusion.0.weight", "to_out.0.weight"),
-                    ("to_out_custom_diffusion.0.bias", "to_out.0.bias"),
-                ]
-            own = dict(p.named_parameters())
-            for a, b in pairs:
-                own[a].requires_grad_(True)
-                mapping[f"{base}.{b}"] = own[a]
-        e = e.clone().requires_grad_(True)
-        out = unet(s, t, encoder_hidden_states=e).sample
-        (out * g_out).sum().backward()
-        c.exp("out", out)
-        order = kv_names if not train_q_out else attn2_names
-        assert sorted(order) == sorted(mapping), (sorted(order), sorted(mapping))
-        for n in order:
-            c.exp(f"grad.{n}", mapping[n].grad)
-        c.exp("grad.encoder_hidden_states", e.grad)
-        assert float(e.grad[:, 0].abs().max()) == 0.0
-        c.params["trainable"] = order
-        unet.set_attn_processor(old_procs)
-        cases.append(c)
+    # ---- Custom Diffusion training attention: K/V rows of token 0 (BOS) detached in attn2
+    c = Case(
+        cfg_name,
+        "unet_backward_bos_detach",
+        "Same inputs as unet_backward, but every attention layer runs diffusers' CustomDiffusionAttnProcessor "
+        "(the Custom Diffusion training attention): in attn2 the key/value rows of token 0 are detached "
+        "(k = m*k + (1-m)*k.detach() with m = 0 at position 0, same for v). The forward output is unchanged; "
+        "no gradient flows through K/V of position 0, so grad.encoder_hidden_states[:, 0] is exactly 0. "
+        "Gradients of attn2 to_k/to_v weights (reported under their plain diffusers names) and of "
+        "encoder_hidden_states. to_q / to_out gradients are unaffected by the detach and equal those in "
+        "unet_backward (checked by the generator).",
+    )
+    s, t, e, g_out = unet_inputs(c, ctx, shared="unet_backward_inputs")
+    old_procs = unet.attn_processors
+    procs = _custom_diffusion_processors(unet, train_q_out=True)
+    unet.set_attn_processor(dict(procs))  # set_attn_processor pops from the dict it is given
+    mapping = {}
+    for pname, p in procs.items():
+        base = pname[: -len(".processor")]
+        if not base.endswith(".attn2"):
+            continue
+        own = dict(p.named_parameters())
+        for a, b in (
+            ("to_k_custom_diffusion.weight", "to_k.weight"),
+            ("to_v_custom_diffusion.weight", "to_v.weight"),
+            ("to_q_custom_diffusion.weight", "to_q.weight"),
+            ("to_out_custom_diffusion.0.weight", "to_out.0.weight"),
+            ("to_out_custom_diffusion.0.bias", "to_out.0.bias"),
+        ):
+            own[a].requires_grad_(True)
+            mapping[f"{base}.{b}"] = own[a]
+    assert sorted(mapping) == sorted(attn2_names)
+    e = e.clone().requires_grad_(True)
+    out = unet(s, t, encoder_hidden_states=e).sample
+    (out * g_out).sum().backward()
+    unet.set_attn_processor(dict(old_procs))
+    plain = cases[-1]
+    torch.testing.assert_close(out, plain.expected["out"], rtol=1e-5, atol=1e-5)
+    for n in attn2_names:
+        if n not in kv_names:
+            torch.testing.assert_close(mapping[n].grad, plain.expected[f"grad.{n}"], rtol=1e-4, atol=1e-5)
+    c.exp("out", out)
+    for n in kv_names:
+        c.exp(f"grad.{n}", mapping[n].grad)
+    c.exp("grad.encoder_hidden_states", e.grad)
+    assert float(e.grad[:, 0].abs().max()) == 0.0
+    c.params.update({"kv_params": kv_names})
+    cases.append(c)
     return cases
 
 
@@ -408,7 +436,7 @@ def unet_cases(cfg_name: str, pipe) -> list[Case]:
 
 def text_encoder_case(cfg_name: str, pipe) -> Case:
     tok = CLIPTokenizer.from_pretrained(os.path.join(pipe._parity_dir, "tokenizer"))
-    te = CLIPTextModel.from_pretrained(os.path.join(pipe._parity_dir, "text_encoder"), torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(os.path.join(pipe._parity_dir, "text_encoder"), dtype=torch.float32)
     te.eval()
     c = Case(
         cfg_name,
@@ -433,7 +461,10 @@ def text_encoder_case(cfg_name: str, pipe) -> Case:
     for i, h in enumerate(o.hidden_states):
         c.exp(f"hidden_states.{i}", h)
     with torch.no_grad():
-        c.exp("clip_skip_1", te.text_model.final_layer_norm(o.hidden_states[-2]))
+        # transformers 5.x flattened CLIPTextModel (no .text_model); diffusers' own clip_skip code
+        # (text_encoder.text_model.final_layer_norm) therefore fails with it - do the same by hand.
+        fln = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
+        c.exp("clip_skip_1", fln(o.hidden_states[-2]))
     c.params.update(
         {
             "prompts": TE_PROMPTS,
@@ -511,7 +542,6 @@ SCHEDULER_RUNS = [
     ("ddpm", DDPMScheduler, 10, {}, None, _m_ddpm, True),
     ("ddim_eta0", DDIMScheduler, 10, {}, 0.0, None, False),
     ("ddim_eta1", DDIMScheduler, 10, {}, 1.0, None, True),
-    ("ddim_eta0_25", DDIMScheduler, 25, {}, 0.0, None, False),
     ("pndm", PNDMScheduler, 10, {}, None, None, False),
     ("dpmpp_2m", DPMSolverMultistepScheduler, 10, {}, None, None, False),
     ("dpmpp_2m_25", DPMSolverMultistepScheduler, 25, {}, None, None, False),
@@ -562,11 +592,9 @@ def scheduler_cases(cfg_name: str, pipe) -> list[Case]:
                         noise = c.randn(f"step.{i}.noise", x.shape)
                         kw["variance_noise"] = noise
                 out = sched.step(eps, t, x, **kw)
-                c.exp(f"step.{i}.model_input", xin)
+                if not torch.equal(xin, x):  # stored only where scale_model_input is not the identity
+                    c.exp(f"step.{i}.model_input", xin)
                 c.exp(f"step.{i}.model_output", eps)
-                pos = getattr(out, "pred_original_sample", None)
-                if pos is not None:
-                    c.exp(f"step.{i}.pred_original_sample", pos)
                 x = out.prev_sample
                 c.exp(f"step.{i}.prev_sample", x)
         finally:

@@ -1,0 +1,19 @@
+/**
+ * custom-diffusion: Custom Diffusion (Kumari et al., "Multi-Concept Customization of Text-to-Image
+ * Diffusion", CVPR 2023) for Node.js on LibTorch.
+ *
+ * @packageDocumentation
+ */
+export * from './errors';
+export { Tensor, type TensorData } from './core/tensor';
+export { Generator } from './core/generator';
+export {
+  readSafetensorsHeader,
+  loadSafetensors,
+  saveSafetensors,
+  type SafetensorsHeader,
+  type SafetensorsEntry,
+  type LoadSafetensorsOptions,
+} from './core/safetensors';
+export { info, setNumThreads, getNumThreads, liveTensors, type RuntimeInfo } from './core/runtime';
+export type { Dtype, DeviceName } from './native';
