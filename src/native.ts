@@ -179,7 +179,11 @@ export function native(): NativeBinding {
 /** Turns an error from the binding into the matching typed error. */
 export function mapNativeError(e: unknown): Error {
   if (e instanceof CustomDiffusionError) return e;
-  if (!(e instanceof Error)) return new NativeError(String(e));
+  // Checked by shape, not instanceof: native errors belong to the main realm's Error, which differs
+  // from the Error of a vm context (jest, REPL contexts).
+  if (typeof e !== 'object' || e === null || typeof (e as { message?: unknown }).message !== 'string') {
+    return new NativeError(String(e));
+  }
   const err = e as Error & { code?: string; file?: string; tensor?: string };
   switch (err.code) {
     case 'SAFETENSORS_FORMAT':
@@ -197,7 +201,7 @@ export function mapNativeError(e: unknown): Error {
     case 'DISPOSED':
       return new DisposedError(err.message);
     default:
-      if (e instanceof TypeError) return new InvalidArgumentError(err.message, { cause: e });
+      if (err.name === 'TypeError') return new InvalidArgumentError(err.message, { cause: e });
       return new NativeError(err.message, err.code ?? 'NATIVE', { cause: e });
   }
 }

@@ -2,61 +2,54 @@
 
 #include "core/addon_data.h"
 
+#include <condition_variable>
+#include <mutex>
+
 namespace cd {
 
 namespace {
 
-// AsyncProgressQueueWorker delivers every queued progress event before OnOK/OnError, so a
-// caller never sees progress after its promise settled.
-class Job : public Napi::AsyncProgressQueueWorker<ProgressEvent> {
+// A plain AsyncWorker settles the promise from node's work-completion callback, which runs inside a
+// proper callback scope (so promise reactions run at once; settling from a thread-safe function's
+// finalizer, as AsyncProgressQueueWorker does, can leave them pending). Progress goes through a
+// thread-safe function, and the worker thread waits until every event it sent was delivered, so no
+// progress arrives after the promise settled.
+class Job : public Napi::AsyncWorker {
  public:
   Job(Napi::Env env, WorkFn work, Napi::Value onProgress, CancelFlag cancel)
-      : Napi::AsyncProgressQueueWorker<ProgressEvent>(env),
+      : Napi::AsyncWorker(env, "custom-diffusion"),
         deferred_(Napi::Promise::Deferred::New(env)),
         work_(std::move(work)),
         cancel_(std::move(cancel)) {
-    if (onProgress.IsFunction()) onProgress_ = Napi::Persistent(onProgress.As<Napi::Function>());
+    if (onProgress.IsFunction()) {
+      tsfn_ = Napi::ThreadSafeFunction::New(env, onProgress.As<Napi::Function>(), "custom-diffusion:progress", 0, 1);
+      hasProgress_ = true;
+    }
   }
 
   Napi::Promise Promise() const { return deferred_.Promise(); }
 
  protected:
-  void Execute(const ExecutionProgress& progress) override {
+  void Execute() override {
     try {
-      const bool wantsProgress = !onProgress_.IsEmpty();
-      Progress p(wantsProgress ? std::function<void(ProgressEvent)>(
-                                     [&progress](ProgressEvent ev) { progress.Send(&ev, 1); })
-                               : std::function<void(ProgressEvent)>(),
-                 cancel_);
+      std::function<void(ProgressEvent)> send;
+      if (hasProgress_) send = [this](ProgressEvent ev) { Send(std::move(ev)); };
+      Progress p(send, cancel_);
       result_ = work_(p);
     } catch (...) {
       error_ = CaptureCurrentException();
       failed_ = true;
     }
-  }
-
-  void OnProgress(const ProgressEvent* events, size_t count) override {
-    if (onProgress_.IsEmpty()) return;
-    Napi::Env env = Env();
-    Napi::HandleScope scope(env);
-    for (size_t i = 0; i < count; ++i) {
-      Napi::Object o = Napi::Object::New(env);
-      o.Set("kind", events[i].kind);
-      for (const auto& [k, v] : events[i].values) o.Set(k, v);
-      // A throwing listener must not take the process down; the error is reported by Node as an
-      // uncaught exception of that listener, and the work goes on.
-      try {
-        onProgress_.Call({o});
-      } catch (const Napi::Error& e) {
-        e.ThrowAsJavaScriptException();
-        return;
-      }
+    if (hasProgress_) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      delivered_.wait(lock, [this] { return pending_ == 0; });
     }
   }
 
   void OnOK() override {
     Napi::Env env = Env();
     Napi::HandleScope scope(env);
+    if (hasProgress_) tsfn_.Release();
     if (failed_) {
       deferred_.Reject(ToJsError(env, error_).Value());
       return;
@@ -70,13 +63,62 @@ class Job : public Napi::AsyncProgressQueueWorker<ProgressEvent> {
     }
   }
 
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  void OnError(const Napi::Error& e) override {
+    if (hasProgress_) tsfn_.Release();
+    deferred_.Reject(e.Value());
+  }
 
  private:
+  struct Delivery {
+    ProgressEvent event;
+    Job* job;
+  };
+
+  void Send(ProgressEvent ev) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++pending_;
+    }
+    auto* d = new Delivery{std::move(ev), this};
+    if (tsfn_.NonBlockingCall(d, &Job::CallJs) != napi_ok) {
+      delete d;
+      Delivered();
+    }
+  }
+
+  void Delivered() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --pending_;
+    delivered_.notify_all();
+  }
+
+  // Runs on the JS thread; env is null when the environment is shutting down.
+  static void CallJs(Napi::Env env, Napi::Function fn, Delivery* d) {
+    if (env != nullptr && fn != nullptr) {
+      Napi::HandleScope scope(env);
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("kind", d->event.kind);
+      for (const auto& [k, v] : d->event.values) o.Set(k, v);
+      try {
+        fn.Call({o});
+      } catch (const Napi::Error& e) {
+        // A throwing listener is reported as an uncaught exception; the work goes on.
+        e.ThrowAsJavaScriptException();
+      }
+    }
+    Job* job = d->job;
+    delete d;
+    job->Delivered();
+  }
+
   Napi::Promise::Deferred deferred_;
   WorkFn work_;
   CancelFlag cancel_;
-  Napi::FunctionReference onProgress_;
+  Napi::ThreadSafeFunction tsfn_;
+  bool hasProgress_ = false;
+  std::mutex mutex_;
+  std::condition_variable delivered_;
+  int pending_ = 0;
   ResultFn result_;
   ErrorInfo error_;
   bool failed_ = false;

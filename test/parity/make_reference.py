@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+sys.dont_write_bytecode = True  # keep test/parity/ free of __pycache__
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import parity_common as pc  # noqa: E402
 
@@ -226,6 +227,10 @@ def build_model_folder(cfg_name: str, cfg: dict, model_dir: str) -> dict:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    snapshot = {
+        name: {k: v.detach().clone() for k, v in m.state_dict().items()}
+        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
+    }
     pipe.to(torch.float16)
     pipe.save_pretrained(model_dir, safe_serialization=True)
 
@@ -250,7 +255,7 @@ def build_model_folder(cfg_name: str, cfg: dict, model_dir: str) -> dict:
     mi["scheduler"] = ["diffusers", sched_cfg["_class_name"]]
     pc.write_json(mi_path, mi)
 
-    return {"tokenizer_source": tok_source, "vocab_size": vocab_size}
+    return {"tokenizer_source": tok_source, "vocab_size": vocab_size, "snapshot": snapshot}
 
 
 def load_pipeline(model_dir: str) -> StableDiffusionPipeline:
@@ -449,7 +454,7 @@ def text_encoder_case(cfg_name: str, pipe) -> Case:
     assert n_added == 1
     new_id = tok.convert_tokens_to_ids("<new1>")
     assert new_id == te.config.vocab_size
-    te.resize_token_embeddings(len(tok))
+    te.resize_token_embeddings(len(tok), mean_resizing=False)
     row = c.randn("new_token_row", (te.config.hidden_size,), 0.5)
     with torch.no_grad():
         te.get_input_embeddings().weight[new_id] = row
@@ -699,13 +704,15 @@ def pipeline_case(cfg_name: str, pipe) -> Case:
         c.exp(f"step.{i}.unet_input", xin)
         c.exp(f"step.{i}.unet_output", out)
         c.exp(f"step.{i}.latents", step_latents[i])
+    with torch.no_grad():
+        c.exp("decoded", pipe.vae.decode(step_latents[-1] / pipe.vae.config.scaling_factor).sample)
     c.exp("image", img)
     c.description = (
         f"StableDiffusionPipeline(prompt={PIPE_PROMPT!r}, negative_prompt='', guidance_scale={guidance}, "
         f"num_inference_steps={steps}, latents=latents, output_type='pt') with "
         "DDIMScheduler.from_config(pipeline scheduler config), eta 0. unet batch = [uncond, cond]; "
-        "noise_pred = u + g * (c - u); latents_final = step.3.latents; image = clamp(decode(latents_final / "
-        "scaling_factor) / 2 + 0.5, 0, 1)."
+        "noise_pred = u + g * (c - u); step.i.latents = latents after step i; decoded = vae.decode(step.3.latents / "
+        "scaling_factor); image = clamp(decoded / 2 + 0.5, 0, 1)."
     )
     c.params.update(
         {
@@ -738,11 +745,11 @@ def generate(cfg_name: str) -> None:
     pipe._parity_dir = model_dir
 
     # the reloaded float32 weights must equal the randomised (fp16-rounded) ones
-    ref_unet = UNet2DConditionModel(**cfg["unet"])
-    pc.randomize_module_(ref_unet, f"{cfg_name}/unet")
-    for (n, a), (_, b) in zip(ref_unet.state_dict().items(), pipe.unet.state_dict().items()):
-        assert torch.equal(a, b), n
-    del ref_unet
+    for comp, ref in info.pop("snapshot").items():
+        got = getattr(pipe, comp).state_dict()
+        assert sorted(got) == sorted(ref), comp
+        for k, v in ref.items():
+            assert got[k].dtype == torch.float32 and torch.equal(got[k], v), (comp, k)
 
     cases = []
     cases += unet_cases(cfg_name, pipe)

@@ -253,7 +253,27 @@ SD21_SCHEDULER_CONFIG = {
 }
 
 
+def _dumps(obj, level: int = 0) -> str:
+    """JSON with 2-space indentation, but lists of scalars and leaf dicts on one line."""
+    pad, pad1 = "  " * level, "  " * (level + 1)
+    scalar = (str, int, float, bool, type(None))
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        if all(isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))
+               for v in obj.values()) and len(obj) <= 4:
+            return "{" + ", ".join(f"{json.dumps(k)}: {_dumps(v)}" for k, v in obj.items()) + "}"
+        items = [f"{pad1}{json.dumps(k)}: {_dumps(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)):
+        if all(isinstance(x, scalar) for x in obj):
+            return "[" + ", ".join(json.dumps(x) for x in obj) + "]"
+        return "[\n" + ",\n".join(pad1 + _dumps(x, level + 1) for x in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
 def write_json(path: str, obj) -> None:
+    text = _dumps(obj)
+    assert json.loads(text) == json.loads(json.dumps(obj))
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text + "\n")
