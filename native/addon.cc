@@ -3,7 +3,7 @@
 
 #include "core/addon_data.h"
 #include "core/async.h"
-#include "core/bindings.h"
+#include "core/registry.h"
 #include "core/generator.h"
 #include "core/tensor.h"
 
@@ -14,9 +14,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   cd::TensorWrap::Init(env, exports);
   cd::GeneratorWrap::Init(env, exports);
   cd::CancelToken::Init(env, exports);
-  cd::InitSafetensors(env, exports);
-  cd::InitInfo(env, exports);
-  cd::InitSelftest(env, exports);
+  for (const auto& [name, init] : cd::Bindings()) init(env, exports);
   return exports;
 }
 

@@ -253,3 +253,11 @@ function abortMessage(signal: AbortSignal): string {
   if (typeof r === 'string') return `The operation was aborted: ${r}`;
   return 'The operation was aborted.';
 }
+
+/**
+ * The binding seen through the interface an area declares for its own functions (each model part
+ * declares what its native file registers, next to the TypeScript that uses it).
+ */
+export function nativeAs<T>(): T {
+  return native() as unknown as T;
+}

@@ -5,7 +5,7 @@
 #include <napi.h>
 #include <torch/headeronly/version.h>
 
-#include "core/bindings.h"
+#include "core/registry.h"
 #include "core/errors.h"
 #include "core/tensor.h"
 
@@ -133,5 +133,7 @@ void InitInfo(Napi::Env env, Napi::Object exports) {
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
   exports.Set("liveTensors", Napi::Function::New(env, LiveTensors, "liveTensors"));
 }
+
+CD_REGISTER_BINDING(info, InitInfo);
 
 }  // namespace cd

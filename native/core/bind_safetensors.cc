@@ -2,7 +2,7 @@
 #include <napi.h>
 
 #include "core/async.h"
-#include "core/bindings.h"
+#include "core/registry.h"
 #include "core/dtype_device.h"
 #include "core/errors.h"
 #include "core/safetensors.h"
@@ -126,5 +126,7 @@ void InitSafetensors(Napi::Env env, Napi::Object exports) {
   exports.Set("safetensorsLoad", Napi::Function::New(env, Load, "safetensorsLoad"));
   exports.Set("safetensorsSave", Napi::Function::New(env, Save, "safetensorsSave"));
 }
+
+CD_REGISTER_BINDING(safetensors, InitSafetensors);
 
 }  // namespace cd

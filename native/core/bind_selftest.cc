@@ -8,7 +8,7 @@
 #include <thread>
 
 #include "core/async.h"
-#include "core/bindings.h"
+#include "core/registry.h"
 #include "core/errors.h"
 
 namespace cd {
@@ -62,5 +62,7 @@ void InitSelftest(Napi::Env env, Napi::Object exports) {
   o.Set("countdown", Napi::Function::New(env, Countdown, "countdown"));
   exports.Set("selftest", o);
 }
+
+CD_REGISTER_BINDING(selftest, InitSelftest);
 
 }  // namespace cd
