@@ -14,6 +14,8 @@ export function buildProgram(): Command {
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
   program.addCommand(doctorCommand());
+  // addCommand() does not pass these settings down; usage errors must reach main() to exit with 2.
+  for (const c of program.commands) c.exitOverride().showHelpAfterError('(run with --help for usage)');
   return program;
 }
 
