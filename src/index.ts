@@ -17,3 +17,10 @@ export {
 } from './core/safetensors';
 export { info, setNumThreads, getNumThreads, liveTensors, type RuntimeInfo } from './core/runtime';
 export type { Dtype, DeviceName } from './native';
+export {
+  ClipTokenizer,
+  type AddedTokenOptions,
+  type PaddingStrategy,
+  type EncodeBatchOptions,
+  type DecodeOptions,
+} from './model/tokenizer';
