@@ -25,12 +25,23 @@ function localNodeDir() {
 }
 
 function run(args, options = {}) {
+  // node-gyp puts the Python it picked for gyp first on PATH, so inside binding.gyp `python3` may be
+  // another interpreter than the user's (one without torch). Resolve LibTorch here, once, and pass it on.
+  const env = { ...process.env, ...(options.env || {}) };
+  if (!env.LIBTORCH) {
+    try {
+      env.LIBTORCH = require('./find-libtorch').findLibTorch(env).root;
+    } catch (e) {
+      process.stderr.write(`\n${e.message}\n\n`);
+      return 1;
+    }
+  }
   const extra = [];
   const nodedir = localNodeDir();
   if (nodedir && !args.some((a) => a.startsWith('--nodedir'))) extra.push(`--nodedir=${nodedir}`);
   // prebuildify asks for a specific --target; with local headers the running Node is the target.
   const filtered = nodedir ? args.filter((a) => !a.startsWith('--target=') && !a.startsWith('--devdir=')) : args;
-  const r = spawnSync(process.execPath, [nodeGypBin(), ...filtered, ...extra], { stdio: 'inherit', ...options });
+  const r = spawnSync(process.execPath, [nodeGypBin(), ...filtered, ...extra], { stdio: 'inherit', ...options, env });
   return r.status === null ? 1 : r.status;
 }
 

@@ -4,6 +4,7 @@
 // names it by flavour (prebuilds/<platform>-<arch>/node.napi.<cpu|cuda>.node), with the LibTorch
 // identity recorded beside it. Run it once with a CPU and once with a CUDA LibTorch to ship both.
 const fs = require('fs');
+const os = require('os');
 const path = require('path');
 const { spawnSync } = require('child_process');
 const { findLibTorch } = require('./find-libtorch');
@@ -12,8 +13,8 @@ const addon = require('./addon');
 const libtorch = findLibTorch();
 const flavour = libtorch.cuda ? 'cuda' : 'cpu';
 const dir = path.join(addon.ROOT, 'prebuilds', `${process.platform}-${process.arch}`);
-const staging = path.join(addon.ROOT, 'build', 'prebuild-staging');
-fs.rmSync(staging, { recursive: true, force: true });
+// Outside build/: node-gyp rebuild starts by deleting build/.
+const staging = fs.mkdtempSync(path.join(os.tmpdir(), 'cd-prebuild-'));
 
 const r = spawnSync(
   process.execPath,
@@ -29,7 +30,7 @@ const r = spawnSync(
 );
 if (r.status !== 0) process.exit(r.status || 1);
 
-const built = path.join(staging, 'prebuilds', `${process.platform}-${process.arch}`, 'node.napi.node');
+const built = path.join(staging, 'prebuilds', `${process.platform}-${process.arch}`, 'custom-diffusion.node');
 if (!fs.existsSync(built)) {
   process.stderr.write(`prebuildify did not produce ${built}\n`);
   process.exit(1);
