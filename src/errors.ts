@@ -87,3 +87,44 @@ export class DisposedError extends CustomDiffusionError {
     super(message, 'DISPOSED');
   }
 }
+
+/**
+ * A model folder does not match what the library implements: `MODEL_CONFIG` when its config.json
+ * sets an option that is unknown or unsupported (it would change the computation), `MODEL_WEIGHTS`
+ * when the weights miss keys, hold unexpected keys or have wrong shapes (all are listed), or come in
+ * a format that cannot be read yet. `file` names the config or weights file.
+ */
+export class ModelError extends CustomDiffusionError {
+  readonly file: string;
+
+  constructor(message: string, code: 'MODEL_CONFIG' | 'MODEL_WEIGHTS', file = '', options?: { cause?: unknown }) {
+    super(message, code, options);
+    this.file = file;
+  }
+}
+
+/**
+ * A torch.save file (`.bin`, `.ckpt`, `.pt`) could not be loaded. `PICKLE_FORMAT`: the file is
+ * damaged, truncated or of an unsupported kind (legacy pre-1.6 format, compressed entries,
+ * TorchScript); `PICKLE_UNSAFE`: its pickle names a global that would run code when Python unpickles
+ * it (`global` names it, e.g. `posix.system`), so it was refused without executing anything.
+ * `offset` is the byte offset in the pickle where the problem was found, when known.
+ */
+export class PickleError extends CustomDiffusionError {
+  readonly file: string;
+  readonly global: string | undefined;
+  readonly offset: number | undefined;
+
+  constructor(
+    message: string,
+    code: 'PICKLE_FORMAT' | 'PICKLE_UNSAFE',
+    file: string,
+    details: { global?: string; offset?: number } = {},
+    options?: { cause?: unknown },
+  ) {
+    super(message, code, options);
+    this.file = file;
+    this.global = details.global;
+    this.offset = details.offset;
+  }
+}

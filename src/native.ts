@@ -10,9 +10,11 @@ import {
   DeviceUnavailableError,
   FileError,
   InvalidArgumentError,
+  ModelError,
   NativeError,
   NativeLoadError,
   OutOfMemoryError,
+  PickleError,
   SafetensorsError,
   DisposedError,
 } from './errors';
@@ -184,7 +186,7 @@ export function mapNativeError(e: unknown): Error {
   if (typeof e !== 'object' || e === null || typeof (e as { message?: unknown }).message !== 'string') {
     return new NativeError(String(e));
   }
-  const err = e as Error & { code?: string; file?: string; tensor?: string };
+  const err = e as Error & { code?: string; file?: string; tensor?: string; global?: string; offset?: string };
   switch (err.code) {
     case 'SAFETENSORS_FORMAT':
       return new SafetensorsError(err.message, err.file ?? '', err.tensor, { cause: e });
@@ -200,6 +202,18 @@ export function mapNativeError(e: unknown): Error {
       return new OutOfMemoryError(err.message, { cause: e });
     case 'DISPOSED':
       return new DisposedError(err.message);
+    case 'MODEL_CONFIG':
+    case 'MODEL_WEIGHTS':
+      return new ModelError(err.message, err.code, err.file ?? '', { cause: e });
+    case 'PICKLE_FORMAT':
+    case 'PICKLE_UNSAFE':
+      return new PickleError(
+        err.message,
+        err.code,
+        err.file ?? '',
+        { global: err.global, offset: err.offset === undefined ? undefined : Number(err.offset) },
+        { cause: e },
+      );
     default:
       if (err.name === 'TypeError') return new InvalidArgumentError(err.message, { cause: e });
       return new NativeError(err.message, err.code ?? 'NATIVE', { cause: e });
