@@ -24,3 +24,22 @@ export {
   type EncodeBatchOptions,
   type DecodeOptions,
 } from './model/tokenizer';
+export {
+  loadTorchFile,
+  flattenTensors,
+  isTorchOpaque,
+  isTorchDict,
+  type TorchValue,
+  type TorchDict,
+  type TorchOpaque,
+  type LoadTorchFileOptions,
+} from './core/torch-file';
+export { TextEncoder, type TextEncoderLoadOptions, type EncodeOptions, type TextEncoderOutput } from './model/text-encoder';
+export {
+  AutoencoderKL,
+  type VaeLoadOptions,
+  type LatentDistribution,
+  type VaeEncodeOptions,
+  type VaeDecodeOptions,
+} from './model/vae';
+export { findWeightFiles, readModelIndex, type WeightFiles, type ModelIndex } from './model/files';
