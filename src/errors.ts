@@ -128,3 +128,17 @@ export class PickleError extends CustomDiffusionError {
     this.offset = details.offset;
   }
 }
+
+/**
+ * Training data could not be used: an image that does not decode or is too small, an empty or
+ * missing folder, a malformed concepts list or captions file, a retrieval that could not gather
+ * enough images. `file` names the file or folder at fault.
+ */
+export class DataError extends CustomDiffusionError {
+  readonly file: string;
+
+  constructor(message: string, file: string, options?: { cause?: unknown }) {
+    super(message, 'DATA', options);
+    this.file = file;
+  }
+}

@@ -43,3 +43,4 @@ export {
   type VaeDecodeOptions,
 } from './model/vae';
 export { findWeightFiles, readModelIndex, type WeightFiles, type ModelIndex } from './model/files';
+export { Scheduler, SCHEDULER_CLASSES, type SchedulerKind, type StepOptions } from './model/scheduler';

@@ -1,0 +1,36 @@
+// EulerDiscreteScheduler (diffusers scheduling_euler_discrete.py): Euler's method on the
+// probability-flow ODE in σ (Karras et al. 2022, Algorithm 2, with optional churn).
+#pragma once
+
+#include "schedulers/scheduler.h"
+
+namespace cd::schedulers {
+
+// The float32 timesteps of the Euler schedulers for a spacing (before any σ re-spacing).
+std::vector<float> EulerTimesteps(const std::string& spacing, int numTrain, int n, int stepsOffset);
+
+class EulerDiscreteScheduler : public Scheduler {
+ public:
+  EulerDiscreteScheduler(const std::string& configText, const std::string& overridesText, const std::string& file);
+  const char* className() const override { return "EulerDiscreteScheduler"; }
+  void setTimesteps(int n) override;
+  double initNoiseSigma() const override;
+  at::Tensor scaleModelInput(const at::Tensor& sample, double t) override;
+  at::Tensor step(const at::Tensor& modelOutput, double t, const at::Tensor& sample, const StepOptions& options) override;
+  at::Tensor addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) override;
+
+ private:
+  void SetSigmas(std::vector<float> sigmas);
+  std::string interpolationType_;
+  bool useKarrasSigmas_ = false;
+  bool useExponentialSigmas_ = false;
+  std::optional<double> sigmaMin_, sigmaMax_;
+  bool continuousV_ = false;  // timestep_type "continuous" with v_prediction: t = ¼·log σ
+  std::string finalSigmasType_;
+  std::vector<float> sigmasHost_;
+};
+
+// Shared by both Euler schedulers: diffusers' add_noise for σ schedules, x0 + σ(t)·noise.
+at::Tensor SigmaAddNoise(const Scheduler& s, const std::vector<int64_t>& indices, const at::Tensor& x0, const at::Tensor& noise);
+
+}  // namespace cd::schedulers
