@@ -40,10 +40,11 @@ class AutoencoderKL {
   // weights.Finish().
   AutoencoderKL(const AutoencoderKLConfig& config, Weights weights);
 
-  // Loads `<folder>/config.json` and `diffusion_pytorch_model.safetensors` (with the variant inserted,
-  // e.g. `diffusion_pytorch_model.fp16.safetensors`; shards through the `.index.json`).
-  static std::shared_ptr<AutoencoderKL> Load(const std::string& folder, const std::string& variant,
-                                             at::ScalarType dtype, c10::Device device);
+  // Builds the model from its config.json text and weights files (safetensors or torch.save
+  // pickles; the TypeScript side picks them), converting floating-point weights to `dtype` on `device`.
+  static std::shared_ptr<AutoencoderKL> Load(const std::string& configText, const std::string& configFile,
+                                             const std::vector<std::string>& weightFiles, at::ScalarType dtype,
+                                             c10::Device device);
 
   struct Posterior {
     at::Tensor mean, logvar, std;  // logvar clamped to [-30, 20]; std = exp(logvar / 2)

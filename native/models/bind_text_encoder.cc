@@ -8,6 +8,7 @@
 #include "core/errors.h"
 #include "core/registry.h"
 #include "core/tensor.h"
+#include "models/handles.h"
 #include "models/clip_text.h"
 
 namespace cd {
@@ -62,26 +63,29 @@ Napi::Object Describe(Napi::Env env, const std::shared_ptr<ClipTextModel>& m) {
   return o;
 }
 
-// load(folder, {dtype?, device?, variant?}) → Promise<{handle, vocabSize, hiddenSize, ...}>
+// load(configText, weightFiles, {dtype?, device?, configFile?}) → Promise<{handle, vocabSize, hiddenSize, ...}>
 Napi::Value Load(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    Require(info[0].IsString(), "folder must be a string");
-    const std::string folder = info[0].As<Napi::String>().Utf8Value();
+    Require(info[0].IsString(), "configText must be a string");
+    Require(info[1].IsArray(), "weightFiles must be an array of paths");
+    const std::string configText = info[0].As<Napi::String>().Utf8Value();
+    std::vector<std::string> files;
+    auto list = info[1].As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i) files.push_back(list.Get(i).ToString().Utf8Value());
+    Require(!files.empty(), "weightFiles must name at least one file");
     at::ScalarType dtype = at::kFloat;
     c10::Device device(c10::kCPU);
-    std::string variant;
-    if (info[1].IsObject()) {
-      auto o = info[1].As<Napi::Object>();
+    std::string configFile = "config.json";
+    if (info[2].IsObject()) {
+      auto o = info[2].As<Napi::Object>();
       if (o.Get("dtype").IsString()) dtype = ParseDtype(o.Get("dtype").As<Napi::String>().Utf8Value());
       if (o.Get("device").IsString()) device = ParseDevice(o.Get("device").As<Napi::String>().Utf8Value());
-      if (o.Get("variant").IsString()) variant = o.Get("variant").As<Napi::String>().Utf8Value();
+      if (o.Get("configFile").IsString()) configFile = o.Get("configFile").As<Napi::String>().Utf8Value();
     }
     Require(at::isFloatingType(dtype), "dtype must be a floating-point type");
-    Require(variant.find('/') == std::string::npos && variant.find('.') == std::string::npos,
-            "variant must be a plain name such as \"fp16\"");
-    return Run(env, [folder, dtype, device, variant](const Progress&) -> ResultFn {
-      auto m = ClipTextModel::Load(folder, variant, dtype, device);
+    return Run(env, [configText, configFile, files, dtype, device](const Progress&) -> ResultFn {
+      auto m = ClipTextModel::Load(configText, configFile, files, dtype, device);
       return [m](Napi::Env e) -> Napi::Value { return Describe(e, m); };
     });
   });
@@ -177,6 +181,8 @@ Napi::Value Dispose(const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+std::shared_ptr<models::ClipTextModel> TextEncoderFromJs(const Napi::Value& handle) { return ModelFrom(handle); }
 
 void InitTextEncoder(Napi::Env env, Napi::Object exports) {
   Napi::Object o = Napi::Object::New(env);

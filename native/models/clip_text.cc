@@ -3,8 +3,6 @@
 #include "models/clip_text.h"
 
 #include <algorithm>
-#include <filesystem>
-#include <fstream>
 #include <set>
 #include <sstream>
 
@@ -12,75 +10,6 @@
 #include "core/json.h"
 
 namespace cd::models {
-
-namespace fs = std::filesystem;
-
-namespace {
-
-std::string ReadText(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw Error("FILE", "Cannot read " + p.string(), {{"file", p.string()}});
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// "model.safetensors" + "fp16" → "model.fp16.safetensors" (transformers' _add_variant).
-std::string WithVariant(const std::string& name, const std::string& variant) {
-  if (variant.empty()) return name;
-  const auto dot = name.rfind('.');
-  return name.substr(0, dot) + "." + variant + name.substr(dot);
-}
-
-// The safetensors files of a model folder: `<stem>.safetensors`, or the shards listed by
-// `<stem>.safetensors.index.json`, both with the variant inserted before the extension.
-std::vector<std::string> FindWeightFiles(const fs::path& folder, const std::string& stem, const std::string& variant) {
-  const fs::path single = folder / WithVariant(stem + ".safetensors", variant);
-  if (fs::exists(single)) return {single.string()};
-  const fs::path index = folder / WithVariant(stem + ".safetensors.index.json", variant);
-  if (fs::exists(index)) {
-    const std::string text = ReadText(index);
-    json::Value root;
-    try {
-      root = json::Parse(text.data(), text.size());
-    } catch (const json::ParseError& e) {
-      throw Error("MODEL_WEIGHTS", "The shard index " + index.string() + " is not valid JSON (" + e.what() + ")",
-                  {{"file", index.string()}});
-    }
-    const json::Value* map = root.find("weight_map");
-    if (!map || map->kind != json::Value::Kind::Object)
-      throw Error("MODEL_WEIGHTS", "The shard index " + index.string() + " has no \"weight_map\" object",
-                  {{"file", index.string()}});
-    std::vector<std::string> files;
-    std::set<std::string> seen;
-    for (const auto& [name, file] : map->object) {
-      if (file.kind != json::Value::Kind::String || file.string.find('/') != std::string::npos ||
-          file.string.find('\\') != std::string::npos)
-        throw Error("MODEL_WEIGHTS", "The shard index " + index.string() + " names a bad file for \"" + name + "\"",
-                    {{"file", index.string()}});
-      if (seen.insert(file.string).second) files.push_back((folder / file.string).string());
-    }
-    return files;
-  }
-  for (const std::string& bin : {WithVariant("pytorch_model.bin", variant), WithVariant(stem + ".bin", variant)}) {
-    if (fs::exists(folder / bin))
-      throw Error("MODEL_WEIGHTS",
-                  "The folder " + folder.string() + " holds its weights only as " + bin +
-                      " (a PyTorch pickle). Loading .bin files arrives with the pickle reader; until then, convert "
-                      "the folder to safetensors (e.g. save it again with save_pretrained(..., "
-                      "safe_serialization=True)).",
-                  {{"file", (folder / bin).string()}});
-  }
-  if (!variant.empty() && fs::exists(folder / (stem + ".safetensors")))
-    throw Error("FILE",
-                "The folder " + folder.string() + " has no \"" + variant + "\" variant (" + single.filename().string() +
-                    "), only " + stem + ".safetensors: load it without the variant option.",
-                {{"file", single.string()}});
-  throw Error("FILE", "No weights found in " + folder.string() + ": expected " + single.filename().string(),
-              {{"file", single.string()}});
-}
-
-}  // namespace
 
 ClipTextConfig ClipTextConfig::Read(ConfigReader& r) {
   ClipTextConfig c;
@@ -179,16 +108,13 @@ ClipTextModel::ClipTextModel(const ClipTextConfig& config, Weights weights)
   added_ = at::empty({0, H}, token_embedding_.options());
 }
 
-std::shared_ptr<ClipTextModel> ClipTextModel::Load(const std::string& folder, const std::string& variant,
-                                                   at::ScalarType dtype, c10::Device device) {
-  const fs::path dir(folder);
-  if (!fs::is_directory(dir)) throw Error("FILE", "No such folder: " + folder, {{"file", folder}});
-  const fs::path cfgPath = dir / "config.json";
-  ConfigReader reader(ReadText(cfgPath), cfgPath.string());
+std::shared_ptr<ClipTextModel> ClipTextModel::Load(const std::string& configText, const std::string& configFile,
+                                                   const std::vector<std::string>& weightFiles, at::ScalarType dtype,
+                                                   c10::Device device) {
+  ConfigReader reader(configText, configFile);
   ClipTextConfig config = ClipTextConfig::Read(reader);
   reader.Finish();
-  Weights weights = Weights::FromSafetensors(FindWeightFiles(dir, "model", variant), dtype, device);
-  return std::make_shared<ClipTextModel>(config, std::move(weights));
+  return std::make_shared<ClipTextModel>(config, Weights::FromFiles(weightFiles, dtype, device));
 }
 
 int64_t ClipTextModel::vocab_size() const {

@@ -50,11 +50,11 @@ class ClipTextModel {
   // weights.Finish(), so a folder that does not match its config fails with every bad key listed.
   ClipTextModel(const ClipTextConfig& config, Weights weights);
 
-  // Loads `<folder>/config.json` and `model.safetensors` (`model.fp16.safetensors` for variant
-  // "fp16"; sharded files through `model.safetensors.index.json`), converting floating-point
-  // weights to `dtype` on `device`.
-  static std::shared_ptr<ClipTextModel> Load(const std::string& folder, const std::string& variant,
-                                             at::ScalarType dtype, c10::Device device);
+  // Builds the model from its config.json text and weights files (safetensors or torch.save
+  // pickles; the TypeScript side picks them), converting floating-point weights to `dtype` on `device`.
+  static std::shared_ptr<ClipTextModel> Load(const std::string& configText, const std::string& configFile,
+                                             const std::vector<std::string>& weightFiles, at::ScalarType dtype,
+                                             c10::Device device);
 
   struct Output {
     at::Tensor last_hidden_state;           // final_layer_norm of the selected layer (see clip_skip)

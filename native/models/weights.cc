@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "core/errors.h"
+#include "core/pickle.h"
 #include "core/safetensors.h"
 
 namespace cd::models {
@@ -29,16 +30,24 @@ Weights::Weights(std::vector<std::pair<std::string, at::Tensor>> tensors, std::s
   for (auto& [k, v] : tensors) tensors_[k] = std::move(v);
 }
 
-Weights Weights::FromSafetensors(const std::vector<std::string>& files, std::optional<at::ScalarType> dtype,
-                                 c10::Device device) {
+Weights Weights::FromFiles(const std::vector<std::string>& files, std::optional<at::ScalarType> dtype,
+                           c10::Device device) {
   std::vector<std::pair<std::string, at::Tensor>> all;
   std::string source;
   for (const auto& f : files) {
-    safetensors::LoadOptions opts;
-    opts.dtype = dtype;
-    opts.device = device;
-    auto loaded = safetensors::Load(f, opts);
-    for (auto& kv : loaded.tensors) all.push_back(std::move(kv));
+    const bool isSafetensors = f.size() >= 12 && f.compare(f.size() - 12, 12, ".safetensors") == 0;
+    if (isSafetensors) {
+      safetensors::LoadOptions opts;
+      opts.dtype = dtype;
+      opts.device = device;
+      for (auto& kv : safetensors::Load(f, opts).tensors) all.push_back(std::move(kv));
+    } else {
+      pickle::LoadOptions opts;
+      opts.dtype = dtype;
+      opts.device = device;
+      auto doc = pickle::LoadTorchFile(f, opts);
+      for (auto& kv : pickle::FlattenTensors(*doc)) all.push_back(std::move(kv));
+    }
     source += (source.empty() ? "" : ", ") + f;
   }
   return Weights(std::move(all), source);

@@ -20,10 +20,11 @@ class Weights {
   // `source` names where the tensors came from (a file or folder) for error messages.
   Weights(std::vector<std::pair<std::string, at::Tensor>> tensors, std::string source);
 
-  // Loads safetensors files (several shards allowed), converting floating-point tensors to `dtype`
-  // and moving them to `device`.
-  static Weights FromSafetensors(const std::vector<std::string>& files, std::optional<at::ScalarType> dtype,
-                                 c10::Device device);
+  // Loads weights files (several shards allowed): `.safetensors`, or torch.save pickles (`.bin`,
+  // `.ckpt`, `.pt`, `.pth`) read by the restricted unpickler, with nested dicts flattened to dotted
+  // names. Floating-point tensors are converted to `dtype` and moved to `device`.
+  static Weights FromFiles(const std::vector<std::string>& files, std::optional<at::ScalarType> dtype,
+                           c10::Device device);
 
   // A view that prefixes every name ("down_blocks.0" then "resnets.1" → "down_blocks.0.resnets.1.").
   class Scope {

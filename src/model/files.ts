@@ -15,6 +15,8 @@ export interface WeightFiles {
 export interface WeightFileOptions {
   /** A weights variant such as `fp16` (`diffusion_pytorch_model.fp16.safetensors`). */
   variant?: string;
+  /** The base name of pickled weights when it differs (transformers: `pytorch_model.bin`). */
+  binBaseName?: string;
 }
 
 function readShardIndex(indexFile: string): string[] {
@@ -44,7 +46,10 @@ export function findWeightFiles(dir: string, baseName: string, options: WeightFi
   if (variant !== undefined && !/^[\w-]+$/.test(variant)) {
     throw new InvalidArgumentError(`Bad weights variant "${variant}" (expected a name such as fp16)`);
   }
-  const names = (ext: string) => [...(variant ? [`${baseName}.${variant}.${ext}`] : []), `${baseName}.${ext}`];
+  const names = (ext: string) => {
+    const base = ext === 'bin' && options.binBaseName ? options.binBaseName : baseName;
+    return [...(variant ? [`${base}.${variant}.${ext}`] : []), `${base}.${ext}`];
+  };
   const tried: string[] = [];
   for (const format of ['safetensors', 'bin'] as const) {
     for (const name of names(format)) {

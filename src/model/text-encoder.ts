@@ -19,6 +19,7 @@
 import * as path from 'path';
 import { callAsync, callSync, nativeAs, type DeviceName, type Dtype, type NativeTensor } from '../native';
 import { InvalidArgumentError } from '../errors';
+import { findWeightFiles, readConfigText } from './files';
 import { Tensor } from '../core/tensor';
 
 /** What native/models/bind_text_encoder.cc registers as `textEncoder`. */
@@ -38,8 +39,9 @@ interface NativeTextEncoderInfo {
 interface TextEncoderBinding {
   textEncoder: {
     load(
-      folder: string,
-      options: { dtype?: Dtype; device?: DeviceName; variant?: string },
+      configText: string,
+      weightFiles: string[],
+      options: { dtype?: Dtype; device?: DeviceName; configFile?: string },
     ): Promise<NativeTextEncoderInfo>;
     encode(
       handle: unknown,
@@ -131,11 +133,16 @@ export class TextEncoder {
    *
    * @throws ModelError `MODEL_CONFIG` when the config sets an option that is not implemented (every
    *   unknown key is named); `MODEL_WEIGHTS` when keys are missing, unexpected or mis-shaped (all are
-   *   listed), or when the folder only has a `.bin` pickle.
+   *   listed), or when a `.bin` pickle cannot be read safely.
    * @throws FileError when the folder, its config or its weights file is missing.
    */
   static async load(folder: string, options: TextEncoderLoadOptions = {}): Promise<TextEncoder> {
-    const info = await callAsync(() => binding().load(path.resolve(folder), options));
+    const dir = path.resolve(folder);
+    const configText = readConfigText(dir);
+    const { files } = findWeightFiles(dir, 'model', { variant: options.variant, binBaseName: 'pytorch_model' });
+    const info = await callAsync(() =>
+      binding().load(configText, files, { dtype: options.dtype, device: options.device, configFile: path.join(dir, 'config.json') }),
+    );
     return new TextEncoder(info);
   }
 

@@ -26,6 +26,7 @@ import {
   type NativeTensor,
 } from '../native';
 import { InvalidArgumentError } from '../errors';
+import { findWeightFiles, readConfigText } from './files';
 import { Tensor } from '../core/tensor';
 import type { Generator } from '../core/generator';
 
@@ -45,7 +46,11 @@ interface NativeVaeInfo {
 /** What native/models/bind_vae.cc registers as `vae`. */
 interface VaeBinding {
   vae: {
-    load(folder: string, options: { dtype?: Dtype; device?: DeviceName; variant?: string }): Promise<NativeVaeInfo>;
+    load(
+      configText: string,
+      weightFiles: string[],
+      options: { dtype?: Dtype; device?: DeviceName; configFile?: string },
+    ): Promise<NativeVaeInfo>;
     encode(
       handle: unknown,
       images: NativeTensor,
@@ -153,11 +158,16 @@ export class AutoencoderKL {
    *
    * @throws ModelError `MODEL_CONFIG` for options that are not implemented (e.g. a non-null
    *   `shift_factor`) or unknown keys; `MODEL_WEIGHTS` for missing, unexpected or mis-shaped keys (all
-   *   listed) or a `.bin`-only folder.
+   *   listed); PickleError when a `.bin` pickle is damaged or unsafe.
    * @throws FileError when the folder, its config or its weights file is missing.
    */
   static async load(folder: string, options: VaeLoadOptions = {}): Promise<AutoencoderKL> {
-    const info = await callAsync(() => binding().load(path.resolve(folder), options));
+    const dir = path.resolve(folder);
+    const configText = readConfigText(dir);
+    const { files } = findWeightFiles(dir, 'diffusion_pytorch_model', { variant: options.variant });
+    const info = await callAsync(() =>
+      binding().load(configText, files, { dtype: options.dtype, device: options.device, configFile: path.join(dir, 'config.json') }),
+    );
     return new AutoencoderKL(info);
   }
 

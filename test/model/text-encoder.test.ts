@@ -1,9 +1,12 @@
 import * as fs from 'fs';
 import * as path from 'path';
-import { InvalidArgumentError, ModelError, Tensor, DisposedError, FileError, loadSafetensors, saveSafetensors } from '../../src';
+import { InvalidArgumentError, ModelError, Tensor, DisposedError, FileError, PickleError, loadSafetensors, saveSafetensors } from '../../src';
 import { TextEncoder } from '../../src/model/text-encoder';
-import { tempDir } from '../helpers/env';
+import { runPython, tempDir } from '../helpers/env';
 import { loadCase, maxAbsDiff, parityDir, readManifest, relError, toFloat64, values } from '../helpers/numeric';
+
+const TO_BIN =
+  'import sys, torch; from safetensors.torch import load_file; torch.save(load_file(sys.argv[1]), sys.argv[2])';
 
 const CONFIGS: [string, number, string][] = [
   ['sd1', 32, 'quick_gelu'],
@@ -254,13 +257,19 @@ describe('TextEncoder (CLIPTextModel) against transformers', () => {
     expect(e.message).toMatch(/Shape mismatches \(1\):\s+text_model\.final_layer_norm\.weight: expected \[32\], found \[31\]/);
   });
 
-  it('says that .bin-only folders wait for the pickle reader', async () => {
+  it('loads .bin (torch.save) weights through the restricted unpickler, equal to safetensors', async () => {
     const dir = path.join(tmp.dir, 'bin');
     fs.mkdirSync(dir);
     fs.copyFileSync(path.join(modelDir('sd1'), 'config.json'), path.join(dir, 'config.json'));
+    runPython(['-c', TO_BIN, path.join(modelDir('sd1'), 'model.safetensors'), path.join(dir, 'pytorch_model.bin')]);
+    const fromBin = await TextEncoder.load(dir);
+    const fromSafetensors = await TextEncoder.load(modelDir('sd1'));
+    const ids = Tensor.fromArray(new BigInt64Array([1512n, 320n, 1125n, 539n, 1513n, 1513n]), [1, 6]);
+    const a = (await fromBin.encode(ids)).toArray() as Float32Array;
+    const b = (await fromSafetensors.encode(ids)).toArray() as Float32Array;
+    expect(Array.from(a)).toEqual(Array.from(b));
     fs.writeFileSync(path.join(dir, 'pytorch_model.bin'), 'not really a pickle');
-    await expect(TextEncoder.load(dir)).rejects.toThrow(ModelError);
-    await expect(TextEncoder.load(dir)).rejects.toThrow(/pytorch_model\.bin.*pickle reader/s);
+    await expect(TextEncoder.load(dir)).rejects.toThrow(PickleError);
     await expect(TextEncoder.load(path.join(tmp.dir, 'nowhere'))).rejects.toThrow(FileError);
   });
 });
