@@ -142,3 +142,18 @@ export class DataError extends CustomDiffusionError {
     this.file = file;
   }
 }
+
+/**
+ * Training could not go on: `TRAIN_NAN` when the loss or the gradients became NaN or infinite
+ * (`step` is the optimizer step, 1-based; that step did not update the weights), `TRAIN_STATE` when a
+ * checkpoint or optimizer state does not fit the run (other tensors, another base model or data, a
+ * save in the middle of a gradient-accumulation cycle).
+ */
+export class TrainingError extends CustomDiffusionError {
+  readonly step: number | undefined;
+
+  constructor(message: string, code: 'TRAIN_NAN' | 'TRAIN_STATE', step?: number, options?: { cause?: unknown }) {
+    super(message, code, options);
+    this.step = step;
+  }
+}

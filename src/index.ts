@@ -44,3 +44,14 @@ export {
 } from './model/vae';
 export { findWeightFiles, readModelIndex, type WeightFiles, type ModelIndex } from './model/files';
 export { Scheduler, SCHEDULER_CLASSES, type SchedulerKind, type StepOptions } from './model/scheduler';
+export {
+  UNet,
+  loadUNet,
+  type TrainableMode,
+  type UNetConfig,
+  type UNetLoadOptions,
+  type UNetForwardOptions,
+  type UNetBackwardOptions,
+  type UNetBackwardResult,
+  type ParameterFilter,
+} from './model/unet';

@@ -17,6 +17,7 @@ import {
   PickleError,
   SafetensorsError,
   DisposedError,
+  TrainingError,
 } from './errors';
 
 /** Element types a tensor can hold. */
@@ -186,7 +187,7 @@ export function mapNativeError(e: unknown): Error {
   if (typeof e !== 'object' || e === null || typeof (e as { message?: unknown }).message !== 'string') {
     return new NativeError(String(e));
   }
-  const err = e as Error & { code?: string; file?: string; tensor?: string; global?: string; offset?: string };
+  const err = e as Error & { code?: string; file?: string; tensor?: string; global?: string; offset?: string; step?: string };
   switch (err.code) {
     case 'SAFETENSORS_FORMAT':
       return new SafetensorsError(err.message, err.file ?? '', err.tensor, { cause: e });
@@ -214,6 +215,9 @@ export function mapNativeError(e: unknown): Error {
         { global: err.global, offset: err.offset === undefined ? undefined : Number(err.offset) },
         { cause: e },
       );
+    case 'TRAIN_NAN':
+    case 'TRAIN_STATE':
+      return new TrainingError(err.message, err.code, err.step === undefined ? undefined : Number(err.step), { cause: e });
     default:
       if (err.name === 'TypeError') return new InvalidArgumentError(err.message, { cause: e });
       return new NativeError(err.message, err.code ?? 'NATIVE', { cause: e });

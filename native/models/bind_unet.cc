@@ -1,0 +1,224 @@
+// JS bindings of UNet2DConditionModel, as the addon's `unet` object. A loaded model is an opaque,
+// type-tagged External handle that src/model/unet.ts wraps; loading and every pass run on worker
+// threads and return promises.
+#include <napi.h>
+
+#include <memory>
+
+#include "core/async.h"
+#include "core/dtype_device.h"
+#include "core/errors.h"
+#include "core/registry.h"
+#include "core/tensor.h"
+#include "models/unet_2d_condition.h"
+#include "models/weights.h"
+
+namespace cd {
+
+namespace {
+
+using models::UNet2DConditionModel;
+
+struct Holder {
+  std::shared_ptr<UNet2DConditionModel> model;
+};
+
+// Tells our handles apart from any other External (a wrong handle is an error, not a crash).
+const napi_type_tag kUNetTag = {0x7c3e91a4d2b85f06ULL, 0x1f6a0d93c47e2b58ULL};
+
+Holder* HolderFrom(const Napi::Value& v) {
+  if (!v.IsExternal()) throw Error("INVALID_ARGUMENT", "expected a UNet handle");
+  auto ext = v.As<Napi::External<Holder>>();
+  if (!ext.CheckTypeTag(&kUNetTag)) throw Error("INVALID_ARGUMENT", "expected a UNet handle");
+  return ext.Data();
+}
+
+std::shared_ptr<UNet2DConditionModel> ModelFrom(const Napi::Value& v) {
+  auto model = HolderFrom(v)->model;
+  if (!model) throw Error("DISPOSED", "This UNet was disposed; it can no longer be used.");
+  return model;
+}
+
+bool BoolOption(const Napi::Value& options, const char* key) {
+  if (!options.IsObject()) return false;
+  Napi::Value v = options.As<Napi::Object>().Get(key);
+  if (v.IsUndefined() || v.IsNull()) return false;
+  Require(v.IsBoolean(), std::string(key) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+Napi::Array IntArray(Napi::Env env, const std::vector<int64_t>& v) {
+  auto a = Napi::Array::New(env, v.size());
+  for (size_t i = 0; i < v.size(); ++i) a.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(v[i])));
+  return a;
+}
+
+// unet.load(configText, files: string[], {dtype?, device?, configFile?}) → Promise<handle>
+Napi::Value Load(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    Require(info[0].IsString(), "config must be the text of config.json");
+    Require(info[1].IsArray(), "files must be an array of paths");
+    std::string text = info[0].As<Napi::String>().Utf8Value();
+    std::vector<std::string> files;
+    auto arr = info[1].As<Napi::Array>();
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      Require(arr.Get(i).IsString(), "files must be an array of paths");
+      files.push_back(arr.Get(i).As<Napi::String>().Utf8Value());
+    }
+    Require(!files.empty(), "at least one weights file is needed");
+    at::ScalarType dtype = at::kFloat;
+    c10::Device device(c10::kCPU);
+    std::string configFile = "config.json";
+    if (info[2].IsObject()) {
+      auto o = info[2].As<Napi::Object>();
+      if (o.Get("dtype").IsString()) dtype = ParseDtype(o.Get("dtype").As<Napi::String>().Utf8Value());
+      if (o.Get("device").IsString()) device = ParseDevice(o.Get("device").As<Napi::String>().Utf8Value());
+      if (o.Get("configFile").IsString()) configFile = o.Get("configFile").As<Napi::String>().Utf8Value();
+    }
+    Require(at::isFloatingType(dtype), "dtype must be a floating-point type");
+    return Run(env, [text, files, dtype, device, configFile](const Progress&) -> ResultFn {
+      // The config first: a refused option is reported before gigabytes of weights are read.
+      auto config = models::UNetConfig::Parse(text, configFile);
+      auto weights = models::Weights::FromFiles(files, dtype, device);
+      auto model = std::make_shared<UNet2DConditionModel>(std::move(config), std::move(weights));
+      return [model](Napi::Env e) -> Napi::Value {
+        auto ext = Napi::External<Holder>::New(e, new Holder{model}, [](Napi::Env, Holder* h) { delete h; });
+        ext.TypeTag(&kUNetTag);
+        return ext;
+      };
+    });
+  });
+}
+
+// unet.forward(handle, sample, timesteps, encoderHiddenStates, {bosDetach?}) → Promise<Tensor>
+Napi::Value Forward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    auto model = ModelFrom(info[0]);
+    at::Tensor sample = TensorWrap::From(info[1], "sample");
+    at::Tensor timesteps = TensorWrap::From(info[2], "timesteps");
+    at::Tensor context = TensorWrap::From(info[3], "encoderHiddenStates");
+    models::AttentionOptions options;
+    options.bosDetach = BoolOption(info[4], "bosDetach");
+    return Run(env, [model, sample, timesteps, context, options](const Progress&) -> ResultFn {
+      at::NoGradGuard noGrad;
+      at::Tensor out = model->forward(sample, timesteps, context, options);
+      return [out](Napi::Env e) -> Napi::Value { return TensorWrap::New(e, out); };
+    });
+  });
+}
+
+// unet.forwardBackward(handle, sample, timesteps, encoderHiddenStates, gradOut, {bosDetach?, ctxRequiresGrad?})
+//   → Promise<{out, grads: {name: Tensor}, gradEncoderHiddenStates?}>
+Napi::Value ForwardBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    auto model = ModelFrom(info[0]);
+    at::Tensor sample = TensorWrap::From(info[1], "sample");
+    at::Tensor timesteps = TensorWrap::From(info[2], "timesteps");
+    at::Tensor context = TensorWrap::From(info[3], "encoderHiddenStates");
+    at::Tensor gradOut = TensorWrap::From(info[4], "gradOut");
+    models::AttentionOptions options;
+    options.bosDetach = BoolOption(info[5], "bosDetach");
+    const bool ctxGrad = BoolOption(info[5], "ctxRequiresGrad");
+    return Run(env, [model, sample, timesteps, context, gradOut, options, ctxGrad](const Progress&) -> ResultFn {
+      auto r = std::make_shared<UNet2DConditionModel::BackwardResult>(
+          model->forwardBackward(sample, timesteps, context, gradOut, options, ctxGrad));
+      return [r](Napi::Env e) -> Napi::Value {
+        Napi::Object o = Napi::Object::New(e);
+        o.Set("out", TensorWrap::New(e, r->out));
+        Napi::Object grads = Napi::Object::New(e);
+        for (const auto& [name, g] : r->grads) grads.Set(name, TensorWrap::New(e, g));
+        o.Set("grads", grads);
+        if (r->gradEncoderHiddenStates.defined())
+          o.Set("gradEncoderHiddenStates", TensorWrap::New(e, r->gradEncoderHiddenStates));
+        return o;
+      };
+    });
+  });
+}
+
+// unet.setTrainable(handle, mode: 'none' | 'crossattn_kv' | 'crossattn')
+Napi::Value SetTrainable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    auto model = ModelFrom(info[0]);
+    Require(info[1].IsString(), "mode must be 'none', 'crossattn_kv' or 'crossattn'");
+    auto mode = models::TrainableModeFromName(info[1].As<Napi::String>().Utf8Value());
+    Require(mode.has_value(), "mode must be 'none', 'crossattn_kv' or 'crossattn'");
+    model->setTrainable(*mode);
+    return env.Undefined();
+  });
+}
+
+// unet.parameters(handle, trainableOnly: boolean) → {name: Tensor}, the model's own tensors (no copies).
+Napi::Value Parameters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    auto model = ModelFrom(info[0]);
+    const bool trainableOnly = info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
+    const auto mode = model->trainable();
+    Napi::Object o = Napi::Object::New(env);
+    for (const auto& [name, p] : model->parameters())
+      if (!trainableOnly || models::IsTrainable(mode, name)) o.Set(name, TensorWrap::New(env, p));
+    return o;
+  });
+}
+
+// unet.info(handle) → {config and state}
+Napi::Value Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    auto model = ModelFrom(info[0]);
+    const auto& c = model->config();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("inChannels", static_cast<double>(c.inChannels));
+    o.Set("outChannels", static_cast<double>(c.outChannels));
+    o.Set("crossAttentionDim", static_cast<double>(c.crossAttentionDim));
+    o.Set("blockOutChannels", IntArray(env, c.blockOutChannels));
+    o.Set("layersPerBlock", IntArray(env, c.layersPerBlock));
+    o.Set("attentionHeads", IntArray(env, c.heads));
+    o.Set("sampleSize", IntArray(env, c.sampleSize));
+    o.Set("useLinearProjection", c.useLinearProjection);
+    o.Set("upcastAttention", c.upcastAttention);
+    o.Set("dtype", DtypeName(model->options().dtype().toScalarType()));
+    o.Set("device", DeviceName(model->options().device()));
+    o.Set("trainable", models::TrainableModeName(model->trainable()));
+    double count = 0;
+    for (const auto& [name, p] : model->parameters()) count += static_cast<double>(p.numel());
+    o.Set("parameterCount", count);
+    return o;
+  });
+}
+
+// unet.dispose(handle): frees the model once no pass still uses it.
+Napi::Value Dispose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    HolderFrom(info[0])->model.reset();
+    return env.Undefined();
+  });
+}
+
+}  // namespace
+
+// For native code handed a JS UNet (the Custom Diffusion trainer); declared in models/handles.h.
+std::shared_ptr<UNet2DConditionModel> UNetFromJs(const Napi::Value& handle);
+std::shared_ptr<UNet2DConditionModel> UNetFromJs(const Napi::Value& handle) { return ModelFrom(handle); }
+
+void InitUNet(Napi::Env env, Napi::Object exports) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("load", Napi::Function::New(env, Load, "load"));
+  o.Set("forward", Napi::Function::New(env, Forward, "forward"));
+  o.Set("forwardBackward", Napi::Function::New(env, ForwardBackward, "forwardBackward"));
+  o.Set("setTrainable", Napi::Function::New(env, SetTrainable, "setTrainable"));
+  o.Set("parameters", Napi::Function::New(env, Parameters, "parameters"));
+  o.Set("info", Napi::Function::New(env, Info, "info"));
+  o.Set("dispose", Napi::Function::New(env, Dispose, "dispose"));
+  exports.Set("unet", o);
+}
+
+CD_REGISTER_BINDING(unet, InitUNet);
+
+}  // namespace cd
