@@ -8,6 +8,7 @@
 #include "core/errors.h"
 #include "core/registry.h"
 #include "core/tensor.h"
+#include "models/load_args.h"
 #include "models/handles.h"
 #include "models/clip_text.h"
 
@@ -67,25 +68,9 @@ Napi::Object Describe(Napi::Env env, const std::shared_ptr<ClipTextModel>& m) {
 Napi::Value Load(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    Require(info[0].IsString(), "configText must be a string");
-    Require(info[1].IsArray(), "weightFiles must be an array of paths");
-    const std::string configText = info[0].As<Napi::String>().Utf8Value();
-    std::vector<std::string> files;
-    auto list = info[1].As<Napi::Array>();
-    for (uint32_t i = 0; i < list.Length(); ++i) files.push_back(list.Get(i).ToString().Utf8Value());
-    Require(!files.empty(), "weightFiles must name at least one file");
-    at::ScalarType dtype = at::kFloat;
-    c10::Device device(c10::kCPU);
-    std::string configFile = "config.json";
-    if (info[2].IsObject()) {
-      auto o = info[2].As<Napi::Object>();
-      if (o.Get("dtype").IsString()) dtype = ParseDtype(o.Get("dtype").As<Napi::String>().Utf8Value());
-      if (o.Get("device").IsString()) device = ParseDevice(o.Get("device").As<Napi::String>().Utf8Value());
-      if (o.Get("configFile").IsString()) configFile = o.Get("configFile").As<Napi::String>().Utf8Value();
-    }
-    Require(at::isFloatingType(dtype), "dtype must be a floating-point type");
-    return Run(env, [configText, configFile, files, dtype, device](const Progress&) -> ResultFn {
-      auto m = ClipTextModel::Load(configText, configFile, files, dtype, device);
+    models::LoadArgs args = models::ParseLoadArgs(info);
+    return Run(env, [args](const Progress&) -> ResultFn {
+      auto m = ClipTextModel::Load(args.configText, args.configFile, args.files, args.dtype, args.device);
       return [m](Napi::Env e) -> Napi::Value { return Describe(e, m); };
     });
   });

@@ -10,6 +10,7 @@
 #include "core/errors.h"
 #include "core/registry.h"
 #include "core/tensor.h"
+#include "models/load_args.h"
 #include "models/unet_2d_condition.h"
 #include "models/weights.h"
 
@@ -57,30 +58,11 @@ Napi::Array IntArray(Napi::Env env, const std::vector<int64_t>& v) {
 Napi::Value Load(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    Require(info[0].IsString(), "config must be the text of config.json");
-    Require(info[1].IsArray(), "files must be an array of paths");
-    std::string text = info[0].As<Napi::String>().Utf8Value();
-    std::vector<std::string> files;
-    auto arr = info[1].As<Napi::Array>();
-    for (uint32_t i = 0; i < arr.Length(); ++i) {
-      Require(arr.Get(i).IsString(), "files must be an array of paths");
-      files.push_back(arr.Get(i).As<Napi::String>().Utf8Value());
-    }
-    Require(!files.empty(), "at least one weights file is needed");
-    at::ScalarType dtype = at::kFloat;
-    c10::Device device(c10::kCPU);
-    std::string configFile = "config.json";
-    if (info[2].IsObject()) {
-      auto o = info[2].As<Napi::Object>();
-      if (o.Get("dtype").IsString()) dtype = ParseDtype(o.Get("dtype").As<Napi::String>().Utf8Value());
-      if (o.Get("device").IsString()) device = ParseDevice(o.Get("device").As<Napi::String>().Utf8Value());
-      if (o.Get("configFile").IsString()) configFile = o.Get("configFile").As<Napi::String>().Utf8Value();
-    }
-    Require(at::isFloatingType(dtype), "dtype must be a floating-point type");
-    return Run(env, [text, files, dtype, device, configFile](const Progress&) -> ResultFn {
+    models::LoadArgs args = models::ParseLoadArgs(info);
+    return Run(env, [args](const Progress&) -> ResultFn {
       // The config first: a refused option is reported before gigabytes of weights are read.
-      auto config = models::UNetConfig::Parse(text, configFile);
-      auto weights = models::Weights::FromFiles(files, dtype, device);
+      auto config = models::UNetConfig::Parse(args.configText, args.configFile);
+      auto weights = models::Weights::FromFiles(args.files, args.dtype, args.device);
       auto model = std::make_shared<UNet2DConditionModel>(std::move(config), std::move(weights));
       return [model](Napi::Env e) -> Napi::Value {
         auto ext = Napi::External<Holder>::New(e, new Holder{model}, [](Napi::Env, Holder* h) { delete h; });

@@ -45,22 +45,8 @@ DDIMScheduler::DDIMScheduler(const std::string& configText, const std::string& o
 }
 
 void DDIMScheduler::setTimesteps(int n) {
-  Require(n >= 1, "DDIMScheduler.setTimesteps: the number of steps must be at least 1");
-  Require(n <= numTrainTimesteps_, "DDIMScheduler.setTimesteps: " + std::to_string(n) + " steps exceed num_train_timesteps (" +
-                                       std::to_string(numTrainTimesteps_) + ")");
+  std::vector<int64_t> ts = SpacedTimesteps("DDIMScheduler", timestepSpacing_, numTrainTimesteps_, n, stepsOffset_);
   numInferenceSteps_ = n;
-  std::vector<int64_t> ts;
-  const int T = numTrainTimesteps_;
-  if (timestepSpacing_ == "linspace") {
-    for (double x : np::Linspace(0, T - 1, n)) ts.push_back(static_cast<int64_t>(np::Round(x)));
-    std::reverse(ts.begin(), ts.end());
-  } else if (timestepSpacing_ == "leading") {
-    const int64_t ratio = T / n;
-    for (int64_t i = n - 1; i >= 0; --i) ts.push_back(i * ratio + stepsOffset_);
-  } else {
-    const double ratio = static_cast<double>(T) / n;
-    for (double x : np::Arange(T, 0, -ratio)) ts.push_back(static_cast<int64_t>(np::Round(x)) - 1);
-  }
   timesteps_ = at::tensor(ts, at::kLong);
 }
 

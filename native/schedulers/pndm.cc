@@ -36,23 +36,10 @@ PNDMScheduler::PNDMScheduler(const std::string& configText, const std::string& o
 }
 
 void PNDMScheduler::setTimesteps(int n) {
-  Require(n >= 1, "PNDMScheduler.setTimesteps: the number of steps must be at least 1");
-  Require(n <= numTrainTimesteps_, "PNDMScheduler.setTimesteps: " + std::to_string(n) + " steps exceed num_train_timesteps (" +
-                                       std::to_string(numTrainTimesteps_) + ")");
   Require(skipPrkSteps_ || n >= 4, "PNDMScheduler.setTimesteps: the Runge-Kutta warm-up (skip_prk_steps false) needs at least 4 steps");
-  const int T = numTrainTimesteps_;
   // The schedule in ascending order (diffusers' _timesteps).
-  std::vector<int64_t> asc;
-  if (timestepSpacing_ == "linspace") {
-    for (double x : np::Linspace(0, T - 1, n)) asc.push_back(static_cast<int64_t>(np::Round(x)));
-  } else if (timestepSpacing_ == "leading") {
-    const int64_t ratio = T / n;
-    for (int64_t i = 0; i < n; ++i) asc.push_back(i * ratio + stepsOffset_);
-  } else {
-    const double ratio = static_cast<double>(T) / n;
-    for (double x : np::Arange(T, 0, -ratio)) asc.push_back(static_cast<int64_t>(np::Round(x)) - 1);
-    std::reverse(asc.begin(), asc.end());
-  }
+  std::vector<int64_t> asc = SpacedTimesteps("PNDMScheduler", timestepSpacing_, numTrainTimesteps_, n, stepsOffset_);
+  std::reverse(asc.begin(), asc.end());
   const auto m = static_cast<int64_t>(asc.size());
   std::vector<int64_t> all;
   prkTimesteps_.clear();
@@ -65,7 +52,7 @@ void PNDMScheduler::setTimesteps(int n) {
     all = plms;
   } else {
     // Four Runge-Kutta steps on the last four timesteps, each with a half step between.
-    const int64_t half = T / n / 2;
+    const int64_t half = numTrainTimesteps_ / n / 2;
     std::vector<int64_t> prk;
     for (int64_t i = m - 4; i < m; ++i) {
       prk.push_back(asc[i]);

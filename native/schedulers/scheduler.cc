@@ -2,6 +2,7 @@
 // (add_noise / get_velocity), step bookkeeping, numpy-compatible timestep arithmetic and the factory.
 #include "schedulers/scheduler.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -291,6 +292,24 @@ double InterpIndex(double x, const std::vector<double>& fp) {
 }
 
 }  // namespace np
+
+std::vector<int64_t> SpacedTimesteps(const char* className, const std::string& spacing, int T, int n, int stepsOffset) {
+  const std::string who = std::string(className) + ".setTimesteps: ";
+  Require(n >= 1, who + "the number of steps must be at least 1");
+  Require(n <= T, who + std::to_string(n) + " steps exceed num_train_timesteps (" + std::to_string(T) + ")");
+  std::vector<int64_t> ts;
+  if (spacing == "linspace") {
+    for (double x : np::Linspace(0, T - 1, n)) ts.push_back(static_cast<int64_t>(np::Round(x)));
+    std::reverse(ts.begin(), ts.end());
+  } else if (spacing == "leading") {
+    const int64_t ratio = T / n;
+    for (int64_t i = n - 1; i >= 0; --i) ts.push_back(i * ratio + stepsOffset);
+  } else {
+    const double ratio = static_cast<double>(T) / n;
+    for (double x : np::Arange(T, 0, -ratio)) ts.push_back(static_cast<int64_t>(np::Round(x)) - 1);
+  }
+  return ts;
+}
 
 std::vector<float> SigmaTable(const at::Tensor& alphasCumprod) {
   at::Tensor s = at::pow(at::div(at::rsub(alphasCumprod, 1.0), alphasCumprod), 0.5).contiguous();

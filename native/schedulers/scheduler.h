@@ -177,6 +177,11 @@ double Round(double x);
 double InterpIndex(double x, const std::vector<double>& fp);
 }  // namespace np
 
+// The `timestep_spacing` table that DDPM, DDIM and PNDM share (descending): "linspace",
+// "leading" (with steps_offset) or "trailing" over num_train_timesteps T, for n inference steps.
+// Checks 1 <= n <= T, naming `className` in the error.
+std::vector<int64_t> SpacedTimesteps(const char* className, const std::string& spacing, int T, int n, int stepsOffset);
+
 // The shared sigma helpers of the Karras-family schedulers (EulerDiscrete, DPMSolverMultistep).
 // σ table ((1−ᾱ)/ᾱ)^½ as float32, indexed by training timestep.
 std::vector<float> SigmaTable(const at::Tensor& alphasCumprod);
