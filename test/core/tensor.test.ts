@@ -1,6 +1,6 @@
 import * as vm from 'vm';
 import * as v8 from 'v8';
-import { DeviceUnavailableError, DisposedError, Generator, InvalidArgumentError, Tensor, info, liveTensors } from '../../src';
+import { DeviceUnavailableError, DisposedError, Generator, InvalidArgumentError, Tensor, getNumThreads, info, liveTensors, setNumThreads } from '../../src';
 
 describe('Tensor', () => {
   it('copies typed arrays in and out with shape and dtype', () => {
@@ -124,5 +124,21 @@ describe('Tensor', () => {
       await new Promise((r) => setImmediate(r));
     }
     expect(liveTensors()).toBeLessThanOrEqual(before + 10);
+  });
+});
+
+describe('threads', () => {
+  it('sets and reads the intra-op thread count, refusing nonsense', () => {
+    const before = getNumThreads();
+    try {
+      setNumThreads(1);
+      expect(getNumThreads()).toBe(1);
+      expect(info().numThreads).toBe(1);
+    } finally {
+      setNumThreads(before);
+    }
+    expect(getNumThreads()).toBe(before);
+    expect(() => setNumThreads(0)).toThrow(InvalidArgumentError);
+    expect(() => setNumThreads(Number.NaN)).toThrow(InvalidArgumentError);
   });
 });
