@@ -55,3 +55,4 @@ export {
   type UNetBackwardResult,
   type ParameterFilter,
 } from './model/unet';
+export { StableDiffusion, type StableDiffusionLoadOptions } from './model/pipeline';
