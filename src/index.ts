@@ -56,3 +56,4 @@ export {
   type ParameterFilter,
 } from './model/unet';
 export { StableDiffusion, type StableDiffusionLoadOptions } from './model/pipeline';
+export * from './train';

@@ -1,7 +1,8 @@
 /**
- * The training data pipeline of Custom Diffusion: images, augmentation, datasets and batches,
- * retrieval of real regularisation images. Plain data only (typed arrays and strings); nothing here
- * needs the native addon. See src/train/README.md for the choices made.
+ * Custom Diffusion training: the data pipeline (images, augmentation, datasets and batches,
+ * retrieval of real regularisation images; plain data, no native addon), the native optimizer step,
+ * the trainer with events, checkpoints and resume, and the delta writer. See src/train/README.md for
+ * the choices made.
  *
  * @packageDocumentation
  */
@@ -87,3 +88,48 @@ export {
   type RetrieveProgress,
   type RetrieveResult,
 } from './retrieve';
+export {
+  train,
+  TrainingRun,
+  TrainStep,
+  scaledLearningRate,
+  DEFAULT_INITIALIZER_TOKENS,
+  type FreezeModel,
+  type LossWeighting,
+  type MixedPrecision,
+  type TrainStepOptions,
+  type TrainStepBatch,
+  type TrainStepResult,
+  type TrainModels,
+  type SampleContext,
+  type BatchSource,
+  type TrainOptions,
+  type StepEvent,
+  type TrainingEvents,
+  type TrainResult,
+} from './trainer';
+export {
+  CHECKPOINT_FORMAT,
+  CHECKPOINT_VERSION,
+  checkpointDir,
+  listCheckpoints,
+  latestCheckpoint,
+  saveCheckpoint,
+  loadCheckpoint,
+  pruneCheckpoints,
+  type CheckpointData,
+  type OptimizerStateData,
+} from './checkpoint';
+export {
+  DELTA_FORMAT,
+  DELTA_VERSION,
+  FINGERPRINT_ALGORITHM,
+  computeBaseFingerprint,
+  writeDelta,
+  parseDeltaMetadata,
+  writeRunRecord,
+  type DeltaToken,
+  type WriteDeltaOptions,
+  type DeltaMetadata,
+  type RunRecord,
+} from './delta-writer';
