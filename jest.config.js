@@ -8,5 +8,6 @@ module.exports = {
   },
   // Native work (LibTorch) is heavy on a 2-core machine: run test files one after another.
   maxWorkers: 1,
+  reporters: ['default', '<rootDir>/test/helpers/summary-reporter.js'],
   testTimeout: 120000,
 };
