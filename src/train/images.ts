@@ -5,7 +5,7 @@
  * crop, horizontal flip, and a resize that reproduces Pillow's `Image.resize` bit for bit.
  *
  * Choices (documented in src/train/README.md as well):
- * - EXIF orientation is applied (`sharp().rotate()`). The original scripts open images with PIL,
+ * - EXIF orientation is applied (`loadSharp()().rotate()`). The original scripts open images with PIL,
  *   which ignores it, so a phone photo taken upright but stored sideways trains sideways there.
  * - Colour: grayscale, CMYK, 16-bit and images with an ICC profile are converted to 8-bit sRGB by
  *   libvips (CMYK through its built-in profile when the file has none). PIL's `convert("RGB")` does
@@ -28,8 +28,32 @@
  * @packageDocumentation
  */
 import * as fs from 'fs';
-import sharp from 'sharp';
+import type sharpModule from 'sharp';
 import { DataError, InvalidArgumentError } from '../errors';
+
+let sharpCache: typeof sharpModule | undefined;
+
+/**
+ * sharp, loaded on first use: the rest of the library keeps working where its native binary is
+ * missing (e.g. installed without optional dependencies), and the error says how to fix it.
+ */
+export function loadSharp(): typeof sharpModule {
+  if (!sharpCache) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      sharpCache = require('sharp') as typeof sharpModule;
+    } catch (e) {
+      const first = String((e as Error).message).split('\n')[0];
+      throw new DataError(
+        `Reading images needs the "sharp" package, which could not be loaded (${first}). ` +
+          'Reinstall it with its optional platform packages: npm install --include=optional sharp',
+        'sharp',
+        { cause: e },
+      );
+    }
+  }
+  return sharpCache;
+}
 
 /** An 8-bit RGB image, rows top to bottom, pixels interleaved: `data[(y·width + x)·3 + c]`. */
 export interface RgbImage {
@@ -118,9 +142,9 @@ export async function probeImage(file: string, options: LoadImageOptions = {}): 
 }
 
 async function probeBuffer(input: Buffer, name: string, minSize: number): Promise<ImageInfo> {
-  let meta: sharp.Metadata;
+  let meta: sharpModule.Metadata;
   try {
-    meta = await sharp(input).metadata();
+    meta = await loadSharp()(input).metadata();
   } catch (e) {
     throw new DataError(`Cannot decode the image ${name}: ${(e as Error).message}`, name, { cause: e });
   }
@@ -143,9 +167,9 @@ export async function decodeImage(input: Buffer | Uint8Array, name: string, opti
     throw new InvalidArgumentError(`alpha must be 'white' or 'black', got ${String(options.alpha)}`);
   }
   const background = (options.alpha ?? 'white') === 'white' ? { r: 255, g: 255, b: 255 } : { r: 0, g: 0, b: 0 };
-  let out: { data: Buffer; info: sharp.OutputInfo };
+  let out: { data: Buffer; info: sharpModule.OutputInfo };
   try {
-    out = await sharp(input)
+    out = await loadSharp()(input)
       .rotate()
       .flatten({ background })
       .toColourspace('srgb')
@@ -428,7 +452,7 @@ export async function resizeRgb(
   if (engine === 'pil') return resizePil(img, width, height, filter);
   if (engine !== 'sharp') throw new InvalidArgumentError(`Unknown resize engine ${String(engine)}`);
   if (width === img.width && height === img.height) return { width, height, data: img.data.slice() };
-  const data = await sharp(img.data, { raw: { width: img.width, height: img.height, channels: 3 } })
+  const data = await loadSharp()(img.data, { raw: { width: img.width, height: img.height, channels: 3 } })
     .resize(width, height, { fit: 'fill', kernel: filter === 'bicubic' ? 'cubic' : 'linear' })
     .raw()
     .toBuffer();

@@ -31,9 +31,8 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import sharp from 'sharp';
 import { AbortError, DataError, InvalidArgumentError } from '../errors';
-import { DEFAULT_MIN_IMAGE_SIZE, decodeImage } from './images';
+import { DEFAULT_MIN_IMAGE_SIZE, decodeImage, loadSharp } from './images';
 
 /** The request body of clip-retrieval's ClipClient for a text query. */
 export interface KnnRequest {
@@ -265,13 +264,13 @@ async function download(
   try {
     // A full decode: a truncated or corrupt file is refused here, not during training.
     await decodeImage(bytes, url, { minSize: options.minSize });
-    format = (await sharp(bytes).metadata()).format;
+    format = (await loadSharp()(bytes).metadata()).format;
   } catch (e) {
     return { ok: false, reason: (e as Error).message };
   }
   if (format === 'jpeg') return { ok: true, jpeg: bytes };
   try {
-    const jpeg = await sharp(bytes).rotate().flatten({ background: { r: 255, g: 255, b: 255 } }).toColourspace('srgb').jpeg({ quality: 95 }).toBuffer();
+    const jpeg = await loadSharp()(bytes).rotate().flatten({ background: { r: 255, g: 255, b: 255 } }).toColourspace('srgb').jpeg({ quality: 95 }).toBuffer();
     return { ok: true, jpeg };
   } catch (e) {
     return { ok: false, reason: (e as Error).message };

@@ -78,7 +78,7 @@ describe('prebuilt binaries', () => {
     tarball = path.join(pkgDir, packed.out.trim().split('\n')[0].trim());
     expect(fs.existsSync(tarball)).toBe(true);
     fs.writeFileSync(path.join(project, 'package.json'), JSON.stringify({ name: 'empty-project', version: '1.0.0', private: true }));
-    const r = sh('npm', ['install', '--no-audit', '--no-fund', '--omit=optional', '--foreground-scripts', tarball], project, noCompilerEnv);
+    const r = sh('npm', ['install', '--no-audit', '--no-fund', '--foreground-scripts', tarball], project, noCompilerEnv);
     expect(r.out).toMatch(/custom-diffusion: using prebuilds\/[^/]+\/node\.napi\.(cpu|cuda)\.node/);
     expect(r.code).toBe(0);
     expect(fs.existsSync(path.join(project, 'node_modules', 'custom-diffusion', 'build'))).toBe(false);
