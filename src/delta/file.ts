@@ -15,6 +15,7 @@ import { loadSafetensors, saveSafetensors } from '../core/safetensors';
 import { Tensor } from '../core/tensor';
 
 export const DELTA_FORMAT = 'custom-diffusion-delta';
+export const DELTA_VERSION = 1;
 export type DeltaKind = 'full' | 'merged' | 'compressed';
 
 export interface DeltaTokenInfo {
@@ -58,7 +59,7 @@ export async function readDelta(file: string): Promise<Delta> {
     throw new FileError(`${file} is not a Custom Diffusion delta (metadata format is ${JSON.stringify(metadata.format)})`, file);
   }
   const version = Number(metadata.version);
-  if (version !== 1) throw new FileError(`${file}: unsupported delta version ${metadata.version}`, file);
+  if (version !== DELTA_VERSION) throw new FileError(`${file}: unsupported delta version ${metadata.version}`, file);
   const kind = metadata.kind as DeltaKind;
   if (kind !== 'full' && kind !== 'merged' && kind !== 'compressed') {
     throw new FileError(`${file}: unknown delta kind ${JSON.stringify(metadata.kind)}`, file);
@@ -107,52 +108,62 @@ export interface WriteDeltaFileOptions {
   baseModelFingerprint: string | null;
   weights?: Record<string, Tensor>;
   factors?: Record<string, { u: Tensor; v: Tensor }>;
+  /** Token rows by token text, each [hidden] or [1, hidden] (stored as [hidden]). */
   tokenRows: Record<string, Tensor>;
+  /** Stored dtype (default float32). */
+  dtype?: 'float32' | 'float16';
   /** Extra metadata (string values; objects are JSON-encoded). */
   extra?: Record<string, unknown>;
 }
 
-/** Writes a delta file (float32) atomically (temporary file renamed over `file`). */
+/**
+ * Writes a delta file: the one writer of this format (training, merging and compression all use
+ * it). Atomic, as {@link saveSafetensors} is.
+ */
 export async function writeDeltaFile(file: string, o: WriteDeltaFileOptions): Promise<void> {
+  const dtype = o.dtype ?? 'float32';
   const out = new Map<string, Tensor>();
   const owned: Tensor[] = [];
-  const f32 = async (t: Tensor) => {
-    if (t.dtype === 'float32' && t.device === 'cpu') return t;
-    const c = await t.to({ dtype: 'float32', device: 'cpu' });
+  const convert = async (t: Tensor) => {
+    if (t.dtype === dtype && t.device === 'cpu') return t;
+    const c = await t.to({ dtype, device: 'cpu' });
     owned.push(c);
     return c;
   };
   try {
-    for (const n of Object.keys(o.weights ?? {}).sort()) out.set(n, await f32(o.weights![n]));
+    for (const n of Object.keys(o.weights ?? {}).sort()) out.set(n, await convert(o.weights![n]));
     for (const n of Object.keys(o.factors ?? {}).sort()) {
-      out.set(`${n}.u`, await f32(o.factors![n].u));
-      out.set(`${n}.v`, await f32(o.factors![n].v));
+      out.set(`${n}.u`, await convert(o.factors![n].u));
+      out.set(`${n}.v`, await convert(o.factors![n].v));
     }
     for (const t of o.tokens) {
       const row = o.tokenRows[t.token];
       if (!row) throw new InvalidArgumentError(`writeDeltaFile: no row for token ${t.token}`);
       if (out.has(t.token)) throw new InvalidArgumentError(`writeDeltaFile: token ${t.token} clashes with a tensor name`);
-      out.set(t.token, await f32(row));
+      const shape = row.shape;
+      if (!(shape.length === 1 || (shape.length === 2 && shape[0] === 1))) {
+        throw new InvalidArgumentError(`writeDeltaFile: the row of ${t.token} must be [hidden] or [1, hidden], got [${shape.join(', ')}]`);
+      }
+      let r = await convert(row);
+      if (shape.length === 2) {
+        // [1, hidden] → [hidden]: copied through a typed array (rows are small).
+        r = Tensor.fromArray(r.toArray() as ArrayBufferView, [shape[1]], dtype);
+        owned.push(r);
+      }
+      out.set(t.token, r);
     }
     const metadata: Record<string, string> = {
       format: DELTA_FORMAT,
-      version: '1',
+      version: String(DELTA_VERSION),
       kind: o.kind,
       freeze_model: o.freezeModel,
       tokens: JSON.stringify(o.tokens),
-      dtype: 'float32',
+      dtype,
     };
     if (o.baseModelFingerprint) metadata.base_model_fingerprint = o.baseModelFingerprint;
     for (const [k, v] of Object.entries(o.extra ?? {})) metadata[k] = typeof v === 'string' ? v : JSON.stringify(v);
     await fs.mkdir(path.dirname(path.resolve(file)), { recursive: true });
-    const tmp = `${file}.tmp-${process.pid}-${Date.now()}`;
-    try {
-      await saveSafetensors(tmp, out, metadata);
-      await fs.rename(tmp, file);
-    } catch (e) {
-      await fs.rm(tmp, { force: true });
-      throw e;
-    }
+    await saveSafetensors(file, out, metadata);
   } finally {
     for (const t of owned) t.dispose();
   }

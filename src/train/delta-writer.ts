@@ -27,11 +27,10 @@ import { createHash } from 'crypto';
 import { promises as fs } from 'fs';
 import * as path from 'path';
 import { FileError, InvalidArgumentError } from '../errors';
-import { saveSafetensors } from '../core/safetensors';
+import { DELTA_FORMAT, DELTA_VERSION, writeDeltaFile } from '../delta/file';
 import { Tensor } from '../core/tensor';
 
-export const DELTA_FORMAT = 'custom-diffusion-delta';
-export const DELTA_VERSION = 1;
+export { DELTA_FORMAT, DELTA_VERSION } from '../delta/file';
 export const FINGERPRINT_ALGORITHM = 'custom-diffusion-kv-sha256/1';
 
 /** One modifier token of a delta. */
@@ -161,50 +160,22 @@ export async function writeDelta(file: string, options: WriteDeltaOptions): Prom
   if (Object.keys(tokenRows).length !== tokens.length) {
     throw new InvalidArgumentError('writeDelta: tokenRows and tokens must name the same tokens');
   }
-  const out = new Map<string, Tensor>();
-  const owned: Tensor[] = [];
-  const convert = async (t: Tensor): Promise<Tensor> => {
-    if (t.dtype === dtype && t.device === 'cpu') return t;
-    const c = await t.to({ dtype, device: 'cpu' });
-    owned.push(c);
-    return c;
-  };
-  try {
-    for (const n of names) out.set(n, await convert(unet[n]));
-    for (const t of [...tokens].sort((a, b) => a.id - b.id)) {
-      const row = tokenRows[t.token];
-      const shape = row.shape;
-      if (!(shape.length === 1 || (shape.length === 2 && shape[0] === 1))) {
-        throw new InvalidArgumentError(`writeDelta: the row of ${t.token} must be [hidden] or [1, hidden], got [${shape.join(', ')}]`);
-      }
-      let r = await convert(row);
-      if (shape.length === 2) {
-        // [1, hidden] → [hidden]: copy through a typed array (rows are small).
-        const flat = Tensor.fromArray(r.toArray() as ArrayBufferView, [shape[1]], dtype);
-        owned.push(flat);
-        r = flat;
-      }
-      out.set(t.token, r);
-    }
-    const metadata: Record<string, string> = {
-      format: DELTA_FORMAT,
-      version: String(DELTA_VERSION),
-      kind: 'full',
-      freeze_model: options.freezeModel,
-      tokens: JSON.stringify(
-        tokens.map((t) => ({ token: t.token, id: t.id, initializer: t.initializer, initializer_id: t.initializerId })),
-      ),
-      base_model_fingerprint: options.baseModelFingerprint,
+  await writeDeltaFile(file, {
+    kind: 'full',
+    freezeModel: options.freezeModel,
+    tokens: [...tokens]
+      .sort((a, b) => a.id - b.id)
+      .map((t) => ({ token: t.token, id: t.id, initializer: t.initializer, initializer_id: t.initializerId })),
+    baseModelFingerprint: options.baseModelFingerprint,
+    weights: unet,
+    tokenRows,
+    dtype,
+    extra: {
       base_model_fingerprint_algorithm: FINGERPRINT_ALGORITHM,
-      base_model: JSON.stringify(toJsonSafe(options.baseModel ?? {})),
-      dtype,
-      training_options: JSON.stringify(toJsonSafe(options.trainingOptions ?? {})),
-    };
-    await fs.mkdir(path.dirname(path.resolve(file)), { recursive: true });
-    await saveSafetensors(file, out, metadata);
-  } finally {
-    for (const t of owned) t.dispose();
-  }
+      base_model: toJsonSafe(options.baseModel ?? {}),
+      training_options: toJsonSafe(options.trainingOptions ?? {}),
+    },
+  });
 }
 
 /** Parses the metadata of a delta written by {@link writeDelta}; throws if it is not one. */
