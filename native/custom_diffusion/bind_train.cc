@@ -14,6 +14,7 @@
 
 #include "core/async.h"
 #include "core/errors.h"
+#include "core/handle.h"
 #include "core/generator.h"
 #include "core/registry.h"
 #include "core/tensor.h"
@@ -29,19 +30,9 @@ namespace {
 
 using custom_diffusion::TrainStep;
 
-struct Holder {
-  std::shared_ptr<TrainStep> trainer;
-};
+const Handle<TrainStep> kHandle({0x5a1c7e93b2d64f08ULL, 0xc3e5a7f9182b4d6eULL}, "trainer");
 
-const napi_type_tag kTrainerTag = {0x5a1c7e93b2d64f08ULL, 0xc3e5a7f9182b4d6eULL};
-
-std::shared_ptr<TrainStep> TrainerFrom(const Napi::Value& v) {
-  if (!v.IsExternal() || !v.As<Napi::External<Holder>>().CheckTypeTag(&kTrainerTag))
-    throw Error("INVALID_ARGUMENT", "Expected a trainer handle");
-  Holder* h = v.As<Napi::External<Holder>>().Data();
-  if (!h->trainer) throw Error("DISPOSED", "This trainer was disposed; it can no longer be used.");
-  return h->trainer;
-}
+std::shared_ptr<TrainStep> TrainerFrom(const Napi::Value& v) { return kHandle.From(v); }
 
 // Strict option reading: an unknown key is an error (it would otherwise be silently ignored).
 class Options {
@@ -154,9 +145,7 @@ Napi::Value Create(const Napi::CallbackInfo& info) {
     // Training always uses DDPMScheduler.from_config(the model's scheduler config), as the scripts do.
     auto scheduler = schedulers::CreateScheduler("ddpm", config, "", "the scheduler config");
     auto trainer = std::make_shared<TrainStep>(unet, text, vae, std::move(scheduler), options);
-    auto ext = Napi::External<Holder>::New(env, new Holder{trainer}, [](Napi::Env, Holder* h) { delete h; });
-    ext.TypeTag(&kTrainerTag);
-    return ext;
+    return kHandle.Wrap(env, trainer);
   });
 }
 
@@ -332,8 +321,7 @@ Napi::Value LearningRateAt(const Napi::CallbackInfo& info) {
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    if (info[0].IsExternal() && info[0].As<Napi::External<Holder>>().CheckTypeTag(&kTrainerTag))
-      info[0].As<Napi::External<Holder>>().Data()->trainer.reset();
+    kHandle.Dispose(info[0]);
     return env.Undefined();
   });
 }

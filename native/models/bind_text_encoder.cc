@@ -6,6 +6,7 @@
 #include "core/async.h"
 #include "core/dtype_device.h"
 #include "core/errors.h"
+#include "core/handle.h"
 #include "core/registry.h"
 #include "core/tensor.h"
 #include "models/load_args.h"
@@ -18,19 +19,9 @@ namespace {
 
 using models::ClipTextModel;
 
-struct Holder {
-  std::shared_ptr<ClipTextModel> model;
-};
+const Handle<ClipTextModel> kHandle({0x8f3c2b1a6d4e4f10ULL, 0xa7b9c1d2e3f40516ULL}, "text encoder");
 
-constexpr napi_type_tag kTextEncoderTag = {0x8f3c2b1a6d4e4f10ULL, 0xa7b9c1d2e3f40516ULL};
-
-std::shared_ptr<ClipTextModel> ModelFrom(const Napi::Value& v) {
-  if (!v.IsExternal() || !v.As<Napi::External<Holder>>().CheckTypeTag(&kTextEncoderTag))
-    throw Error("INVALID_ARGUMENT", "Expected a text encoder handle");
-  Holder* h = v.As<Napi::External<Holder>>().Data();
-  if (!h->model) throw Error("DISPOSED", "This text encoder was disposed; it can no longer be used.");
-  return h->model;
-}
+std::shared_ptr<ClipTextModel> ModelFrom(const Napi::Value& v) { return kHandle.From(v); }
 
 std::vector<int64_t> IdsFrom(const Napi::Value& v, const char* what) {
   Require(v.IsArray(), std::string(what) + " must be an array of token ids");
@@ -48,10 +39,8 @@ std::vector<int64_t> IdsFrom(const Napi::Value& v, const char* what) {
 
 Napi::Object Describe(Napi::Env env, const std::shared_ptr<ClipTextModel>& m) {
   Napi::Object o = Napi::Object::New(env);
-  auto ext = Napi::External<Holder>::New(env, new Holder{m}, [](Napi::Env, Holder* h) { delete h; });
-  ext.TypeTag(&kTextEncoderTag);
   const auto& c = m->config();
-  o.Set("handle", ext);
+  o.Set("handle", kHandle.Wrap(env, m));
   o.Set("vocabSize", static_cast<double>(m->vocab_size()));
   o.Set("baseVocabSize", static_cast<double>(m->base_vocab_size()));
   o.Set("hiddenSize", c.hidden_size);
@@ -159,8 +148,7 @@ Napi::Value VocabSize(const Napi::CallbackInfo& info) {
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    if (info[0].IsExternal() && info[0].As<Napi::External<Holder>>().CheckTypeTag(&kTextEncoderTag))
-      info[0].As<Napi::External<Holder>>().Data()->model.reset();
+    kHandle.Dispose(info[0]);
     return env.Undefined();
   });
 }

@@ -8,6 +8,7 @@
 #include "core/async.h"
 #include "core/dtype_device.h"
 #include "core/errors.h"
+#include "core/handle.h"
 #include "core/registry.h"
 #include "core/tensor.h"
 #include "models/load_args.h"
@@ -20,25 +21,9 @@ namespace {
 
 using models::UNet2DConditionModel;
 
-struct Holder {
-  std::shared_ptr<UNet2DConditionModel> model;
-};
+const Handle<UNet2DConditionModel> kHandle({0x7c3e91a4d2b85f06ULL, 0x1f6a0d93c47e2b58ULL}, "UNet");
 
-// Tells our handles apart from any other External (a wrong handle is an error, not a crash).
-const napi_type_tag kUNetTag = {0x7c3e91a4d2b85f06ULL, 0x1f6a0d93c47e2b58ULL};
-
-Holder* HolderFrom(const Napi::Value& v) {
-  if (!v.IsExternal()) throw Error("INVALID_ARGUMENT", "expected a UNet handle");
-  auto ext = v.As<Napi::External<Holder>>();
-  if (!ext.CheckTypeTag(&kUNetTag)) throw Error("INVALID_ARGUMENT", "expected a UNet handle");
-  return ext.Data();
-}
-
-std::shared_ptr<UNet2DConditionModel> ModelFrom(const Napi::Value& v) {
-  auto model = HolderFrom(v)->model;
-  if (!model) throw Error("DISPOSED", "This UNet was disposed; it can no longer be used.");
-  return model;
-}
+std::shared_ptr<UNet2DConditionModel> ModelFrom(const Napi::Value& v) { return kHandle.From(v); }
 
 bool BoolOption(const Napi::Value& options, const char* key) {
   if (!options.IsObject()) return false;
@@ -65,9 +50,7 @@ Napi::Value Load(const Napi::CallbackInfo& info) {
       auto weights = models::Weights::FromFiles(args.files, args.dtype, args.device);
       auto model = std::make_shared<UNet2DConditionModel>(std::move(config), std::move(weights));
       return [model](Napi::Env e) -> Napi::Value {
-        auto ext = Napi::External<Holder>::New(e, new Holder{model}, [](Napi::Env, Holder* h) { delete h; });
-        ext.TypeTag(&kUNetTag);
-        return ext;
+        return kHandle.Wrap(e, model);
       };
     });
   });
@@ -178,7 +161,7 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    HolderFrom(info[0])->model.reset();
+    kHandle.Dispose(info[0]);
     return env.Undefined();
   });
 }

@@ -6,6 +6,7 @@
 #include "core/dtype_device.h"
 #include "core/errors.h"
 #include "core/generator.h"
+#include "core/handle.h"
 #include "core/registry.h"
 #include "core/tensor.h"
 #include "models/load_args.h"
@@ -18,19 +19,9 @@ namespace {
 
 using models::AutoencoderKL;
 
-struct Holder {
-  std::shared_ptr<AutoencoderKL> model;
-};
+const Handle<AutoencoderKL> kHandle({0x2d5e7a9c1b3f4e60ULL, 0x9e8d7c6b5a493827ULL}, "VAE");
 
-constexpr napi_type_tag kVaeTag = {0x2d5e7a9c1b3f4e60ULL, 0x9e8d7c6b5a493827ULL};
-
-std::shared_ptr<AutoencoderKL> ModelFrom(const Napi::Value& v) {
-  if (!v.IsExternal() || !v.As<Napi::External<Holder>>().CheckTypeTag(&kVaeTag))
-    throw Error("INVALID_ARGUMENT", "Expected a VAE handle");
-  Holder* h = v.As<Napi::External<Holder>>().Data();
-  if (!h->model) throw Error("DISPOSED", "This VAE was disposed; it can no longer be used.");
-  return h->model;
-}
+std::shared_ptr<AutoencoderKL> ModelFrom(const Napi::Value& v) { return kHandle.From(v); }
 
 bool BoolOption(const Napi::Value& opts, const char* key) {
   return opts.IsObject() && opts.As<Napi::Object>().Get(key).ToBoolean().Value();
@@ -38,10 +29,8 @@ bool BoolOption(const Napi::Value& opts, const char* key) {
 
 Napi::Object Describe(Napi::Env env, const std::shared_ptr<AutoencoderKL>& m) {
   Napi::Object o = Napi::Object::New(env);
-  auto ext = Napi::External<Holder>::New(env, new Holder{m}, [](Napi::Env, Holder* h) { delete h; });
-  ext.TypeTag(&kVaeTag);
   const auto& c = m->config();
-  o.Set("handle", ext);
+  o.Set("handle", kHandle.Wrap(env, m));
   o.Set("scalingFactor", c.scaling_factor);
   o.Set("latentChannels", c.latent_channels);
   o.Set("inChannels", c.in_channels);
@@ -128,8 +117,7 @@ Napi::Value Decode(const Napi::CallbackInfo& info) {
 Napi::Value Dispose(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
-    if (info[0].IsExternal() && info[0].As<Napi::External<Holder>>().CheckTypeTag(&kVaeTag))
-      info[0].As<Napi::External<Holder>>().Data()->model.reset();
+    kHandle.Dispose(info[0]);
     return env.Undefined();
   });
 }
