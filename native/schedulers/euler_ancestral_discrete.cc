@@ -57,18 +57,6 @@ void EulerAncestralDiscreteScheduler::setTimesteps(int n) {
   beginIndex_ = -1;
 }
 
-double EulerAncestralDiscreteScheduler::initNoiseSigma() const {
-  const float maxSigma = *std::max_element(sigmasHost_.begin(), sigmasHost_.end());
-  if (timestepSpacing_ == "linspace" || timestepSpacing_ == "trailing") return maxSigma;
-  return f32::Sqrt(maxSigma * maxSigma + 1.0f);
-}
-
-at::Tensor EulerAncestralDiscreteScheduler::scaleModelInput(const at::Tensor& sample, double t) {
-  if (stepIndex_ < 0) InitStepIndex(t, false);
-  const float sigma = sigmasHost_[static_cast<size_t>(stepIndex_)];
-  return sample / f32::Sqrt(sigma * sigma + 1.0f);
-}
-
 at::Tensor EulerAncestralDiscreteScheduler::step(const at::Tensor& modelOutput, double t, const at::Tensor& sampleIn,
                                                  const StepOptions& options) {
   if (stepIndex_ < 0) InitStepIndex(t, false);

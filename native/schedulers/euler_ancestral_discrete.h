@@ -2,22 +2,17 @@
 // down to σ_down followed by fresh noise of scale σ_up (k-diffusion's "euler_a").
 #pragma once
 
-#include "schedulers/scheduler.h"
+#include "schedulers/euler_discrete.h"
 
 namespace cd::schedulers {
 
-class EulerAncestralDiscreteScheduler : public Scheduler {
+class EulerAncestralDiscreteScheduler : public EulerSigmaScheduler {
  public:
   EulerAncestralDiscreteScheduler(const std::string& configText, const std::string& overridesText, const std::string& file);
   const char* className() const override { return "EulerAncestralDiscreteScheduler"; }
   void setTimesteps(int n) override;
-  double initNoiseSigma() const override;
-  at::Tensor scaleModelInput(const at::Tensor& sample, double t) override;
   at::Tensor step(const at::Tensor& modelOutput, double t, const at::Tensor& sample, const StepOptions& options) override;
   at::Tensor addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) override;
-
- private:
-  std::vector<float> sigmasHost_;
 };
 
 }  // namespace cd::schedulers

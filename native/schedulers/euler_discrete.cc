@@ -141,13 +141,13 @@ void EulerDiscreteScheduler::setTimesteps(int n) {
   beginIndex_ = -1;
 }
 
-double EulerDiscreteScheduler::initNoiseSigma() const {
+double EulerSigmaScheduler::initNoiseSigma() const {
   const float maxSigma = *std::max_element(sigmasHost_.begin(), sigmasHost_.end());
   if (timestepSpacing_ == "linspace" || timestepSpacing_ == "trailing") return maxSigma;
   return f32::Sqrt(maxSigma * maxSigma + 1.0f);
 }
 
-at::Tensor EulerDiscreteScheduler::scaleModelInput(const at::Tensor& sample, double t) {
+at::Tensor EulerSigmaScheduler::scaleModelInput(const at::Tensor& sample, double t) {
   if (stepIndex_ < 0) InitStepIndex(t, false);
   const float sigma = sigmasHost_[static_cast<size_t>(stepIndex_)];
   // The model sees inputs of unit variance: x / sqrt(σ² + 1).

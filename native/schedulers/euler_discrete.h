@@ -9,13 +9,22 @@ namespace cd::schedulers {
 // The float32 timesteps of the Euler schedulers for a spacing (before any σ re-spacing).
 std::vector<float> EulerTimesteps(const std::string& spacing, int numTrain, int n, int stepsOffset);
 
-class EulerDiscreteScheduler : public Scheduler {
+// What both Euler schedulers share: a σ per step (kept on the host, as diffusers indexes it), model
+// inputs scaled to unit variance, initial noise of the largest σ.
+class EulerSigmaScheduler : public Scheduler {
+ public:
+  double initNoiseSigma() const override;
+  at::Tensor scaleModelInput(const at::Tensor& sample, double t) override;
+
+ protected:
+  std::vector<float> sigmasHost_;
+};
+
+class EulerDiscreteScheduler : public EulerSigmaScheduler {
  public:
   EulerDiscreteScheduler(const std::string& configText, const std::string& overridesText, const std::string& file);
   const char* className() const override { return "EulerDiscreteScheduler"; }
   void setTimesteps(int n) override;
-  double initNoiseSigma() const override;
-  at::Tensor scaleModelInput(const at::Tensor& sample, double t) override;
   at::Tensor step(const at::Tensor& modelOutput, double t, const at::Tensor& sample, const StepOptions& options) override;
   at::Tensor addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) override;
 
@@ -27,7 +36,6 @@ class EulerDiscreteScheduler : public Scheduler {
   std::optional<double> sigmaMin_, sigmaMax_;
   bool continuousV_ = false;  // timestep_type "continuous" with v_prediction: t = ¼·log σ
   std::string finalSigmasType_;
-  std::vector<float> sigmasHost_;
 };
 
 // Shared by both Euler schedulers: diffusers' add_noise for σ schedules, x0 + σ(t)·noise.
