@@ -11,6 +11,7 @@
 #include "core/handle.h"
 #include "core/registry.h"
 #include "core/tensor.h"
+#include "models/handles.h"
 #include "models/load_args.h"
 #include "models/unet_2d_condition.h"
 #include "models/weights.h"
@@ -169,7 +170,6 @@ Napi::Value Dispose(const Napi::CallbackInfo& info) {
 }  // namespace
 
 // For native code handed a JS UNet (the Custom Diffusion trainer); declared in models/handles.h.
-std::shared_ptr<UNet2DConditionModel> UNetFromJs(const Napi::Value& handle);
 std::shared_ptr<UNet2DConditionModel> UNetFromJs(const Napi::Value& handle) { return ModelFrom(handle); }
 
 void InitUNet(Napi::Env env, Napi::Object exports) {
