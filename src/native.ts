@@ -71,6 +71,8 @@ export interface SafetensorsEntry {
 
 export interface NativeInfo {
   torchVersion: string;
+  /** The LibTorch identity the addon was compiled against. */
+  libtorchIdentity: string;
   builtWithCuda: boolean;
   cudaAvailable: boolean;
   cudnnAvailable: boolean;
@@ -168,6 +170,15 @@ export function loadAddon(): LoadedAddon {
       `The native addon ${file} could not be loaded: ${(e as Error).message}\n` +
         'Rebuild it for this machine with `npm rebuild custom-diffusion`.',
       { cause: e },
+    );
+  }
+  // The sidecar said this addon fits; the identity compiled into it must say the same (a copied or
+  // renamed file would otherwise run against a LibTorch it was not built for).
+  const built = binding.info().libtorchIdentity;
+  if (built !== libtorch.identity) {
+    throw new NativeLoadError(
+      `The native addon ${file} was compiled against ${built}, but the LibTorch here is ${libtorch.identity} ` +
+        `(${libtorch.root}). Rebuild it with \`npm rebuild custom-diffusion\`.`,
     );
   }
   loaded = { binding, file, libtorch };

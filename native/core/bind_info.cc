@@ -12,6 +12,9 @@
 #ifndef TORCH_VERSION
 #define TORCH_VERSION "unknown"
 #endif
+#ifndef CD_LIBTORCH_IDENTITY
+#define CD_LIBTORCH_IDENTITY "unknown"
+#endif
 
 namespace cd {
 
@@ -73,6 +76,8 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   return Guard(env, [&]() -> Napi::Value {
     Napi::Object o = Napi::Object::New(env);
     o.Set("torchVersion", TORCH_VERSION);
+    // The LibTorch identity (scripts/find-libtorch.js) this addon was compiled against.
+    o.Set("libtorchIdentity", CD_LIBTORCH_IDENTITY);
 #ifdef CD_LIBTORCH_CUDA
     o.Set("builtWithCuda", true);
 #else

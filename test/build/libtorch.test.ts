@@ -30,6 +30,12 @@ describe('finding LibTorch', () => {
     if (found.cuda) expect(found.libs).toEqual(expect.arrayContaining(['torch_cuda', 'c10_cuda']));
   });
 
+  it('loads an addon whose compiled-in LibTorch identity is the one found here', () => {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { info } = require(path.join(repoRoot, 'src'));
+    expect(info().libtorchIdentity).toBe(found.identity);
+  });
+
   it('keeps libtorch_cuda linked with --no-as-needed and embeds an rpath', () => {
     const flags: string[] = finder.linkFlags(found);
     expect(flags).toContain(`-Wl,-rpath,${found.libDir}`);
