@@ -22,6 +22,8 @@ class ParseError : public std::runtime_error {
   size_t offset_;
 };
 
+struct Member;
+
 struct Value {
   enum class Kind { Null, Bool, Number, String, Array, Object };
   Kind kind = Kind::Null;
@@ -33,10 +35,18 @@ struct Value {
   int64_t integer = 0;
   std::string string;
   std::vector<Value> array;
-  std::vector<std::pair<std::string, Value>> object;
+  // Key order kept. Not std::pair: std::pair of the still-incomplete Value is rejected by clang
+  // with libstdc++ in C++20 (the fuzzers build with clang).
+  std::vector<Member> object;
 
   const Value* find(const std::string& key) const;
   const char* kindName() const;
+};
+
+struct Member {
+  Member(std::string k, Value v) : first(std::move(k)), second(std::move(v)) {}
+  std::string first;
+  Value second;
 };
 
 // Parses exactly one JSON document (surrounding whitespace allowed). Throws ParseError.
