@@ -81,15 +81,4 @@ at::Tensor EulerAncestralDiscreteScheduler::step(const at::Tensor& modelOutput, 
   return prev.to(modelOutput.scalar_type());
 }
 
-at::Tensor EulerAncestralDiscreteScheduler::addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) {
-  Require(timesteps.dim() <= 1, "addNoise: timesteps must be a scalar or a 1-D tensor");
-  at::Tensor ts = timesteps.to(at::kCPU, at::kDouble).contiguous().view(-1);
-  std::vector<int64_t> idx;
-  for (int64_t i = 0; i < ts.numel(); ++i) {
-    if (beginIndex_ < 0) idx.push_back(IndexForTimestep(ts.data_ptr<double>()[i], false));
-    else idx.push_back(stepIndex_ >= 0 ? stepIndex_ : beginIndex_);
-  }
-  return SigmaAddNoise(*this, idx, x0, noise);
-}
-
 }  // namespace cd::schedulers

@@ -12,7 +12,6 @@ class EulerAncestralDiscreteScheduler : public EulerSigmaScheduler {
   const char* className() const override { return "EulerAncestralDiscreteScheduler"; }
   void setTimesteps(int n) override;
   at::Tensor step(const at::Tensor& modelOutput, double t, const at::Tensor& sample, const StepOptions& options) override;
-  at::Tensor addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) override;
 };
 
 }  // namespace cd::schedulers

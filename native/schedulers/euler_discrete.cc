@@ -181,7 +181,7 @@ at::Tensor EulerDiscreteScheduler::step(const at::Tensor& modelOutput, double t,
   return prev.to(modelOutput.scalar_type());
 }
 
-at::Tensor EulerDiscreteScheduler::addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) {
+at::Tensor EulerSigmaScheduler::addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) {
   Require(timesteps.dim() <= 1, "addNoise: timesteps must be a scalar or a 1-D tensor");
   at::Tensor ts = timesteps.to(at::kCPU, at::kDouble).contiguous().view(-1);
   std::vector<int64_t> idx;

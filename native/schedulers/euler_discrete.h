@@ -15,6 +15,8 @@ class EulerSigmaScheduler : public Scheduler {
  public:
   double initNoiseSigma() const override;
   at::Tensor scaleModelInput(const at::Tensor& sample, double t) override;
+  // x0 + σ(t)·noise, with σ looked up by timestep (or the current step) as diffusers does.
+  at::Tensor addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) override;
 
  protected:
   std::vector<float> sigmasHost_;
@@ -26,7 +28,6 @@ class EulerDiscreteScheduler : public EulerSigmaScheduler {
   const char* className() const override { return "EulerDiscreteScheduler"; }
   void setTimesteps(int n) override;
   at::Tensor step(const at::Tensor& modelOutput, double t, const at::Tensor& sample, const StepOptions& options) override;
-  at::Tensor addNoise(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& timesteps) override;
 
  private:
   void SetSigmas(std::vector<float> sigmas);
