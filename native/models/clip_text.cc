@@ -173,12 +173,15 @@ ClipTextModel::Output ClipTextModel::Forward(const at::Tensor& input_ids, int cl
     added = added_;
   }
   const int64_t vocab = base_vocab_ + added.size(0);
-  const at::Tensor ids = input_ids.to(device_, at::kLong);
-  if (ids.numel() > 0) {
-    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+  if (input_ids.numel() > 0) {
+    // Checked where the ids already are (the tokenizer's output is on the host), before the copy
+    // to the model's device, so a CUDA model pays no device sync for it.
+    const auto [loT, hiT] = at::aminmax(input_ids.to(at::kLong));
+    const int64_t lo = loT.item<int64_t>(), hi = hiT.item<int64_t>();
     Require(lo >= 0 && hi < vocab, "input_ids holds token id " + std::to_string(lo < 0 ? lo : hi) +
                                        ", outside the vocabulary of " + std::to_string(vocab) + " tokens");
   }
+  const at::Tensor ids = input_ids.to(device_, at::kLong);
 
   Output out;
   at::Tensor x = Embed(ids, added) + position_embedding_.narrow(0, 0, S);

@@ -273,3 +273,18 @@ describe('TextEncoder (CLIPTextModel) against transformers', () => {
     await expect(TextEncoder.load(path.join(tmp.dir, 'nowhere'))).rejects.toThrow(FileError);
   });
 });
+
+describe('TextEncoder input checks', () => {
+  it('refuses token ids outside the vocabulary, naming the id', async () => {
+    const te = await TextEncoder.load(modelDir('sd1'));
+    try {
+      const bad = Tensor.fromArray(new BigInt64Array([1512n, 99999n, 1513n]), [1, 3]);
+      await expect(te.encode(bad)).rejects.toThrow(InvalidArgumentError);
+      await expect(te.encode(bad)).rejects.toThrow(/token id 99999, outside the vocabulary of 1514 tokens/);
+      const negative = Tensor.fromArray(new BigInt64Array([1512n, -3n]), [1, 2]);
+      await expect(te.encode(negative)).rejects.toThrow(/token id -3/);
+    } finally {
+      te.dispose();
+    }
+  });
+});
