@@ -157,3 +157,9 @@ export class TrainingError extends CustomDiffusionError {
     this.step = step;
   }
 }
+
+/**
+ * A delta does not fit the models it is applied to (other layer names or widths, another token
+ * width, or another base model unless forced).
+ */
+export class DeltaMismatchError extends InvalidArgumentError {}

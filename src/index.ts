@@ -63,7 +63,6 @@ export {
   inspectDelta,
   applyDelta,
   AppliedDelta,
-  DeltaMismatchError,
   composeLayers,
   composeDeltas,
   targetPrompts,

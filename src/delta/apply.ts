@@ -13,7 +13,8 @@
  * src/train/delta-writer.ts) unless `force` is set. Do not apply or unapply while a forward pass runs.
  */
 import { callSync } from '../native';
-import { InvalidArgumentError } from '../errors';
+import { DeltaMismatchError, InvalidArgumentError } from '../errors';
+export { DeltaMismatchError } from '../errors';
 import { Tensor } from '../core/tensor';
 import type { UNet } from '../model/unet';
 import type { TextEncoder } from '../model/text-encoder';
@@ -35,8 +36,7 @@ export interface ApplyOptions {
   baseFingerprint?: string;
 }
 
-/** Error raised when a delta does not fit the models. */
-export class DeltaMismatchError extends InvalidArgumentError {}
+
 
 /** A delta applied to models; {@link unapply} restores the state before {@link applyDelta}. */
 export class AppliedDelta {
