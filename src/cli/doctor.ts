@@ -40,6 +40,7 @@ export function formatInfo(i: RuntimeInfo): string {
 
 export function doctorCommand(): Command {
   return new Command('doctor')
+    .summary('check LibTorch, devices and the addon')
     .description('Show what LibTorch, devices and addon this installation uses, and check they work.')
     .option('--json', 'print one JSON object')
     .addHelpText('after', '\nExamples:\n  $ customdiff doctor\n  $ customdiff doctor --json')
