@@ -216,7 +216,8 @@ export class Reporter {
       this.multi = new MultiBar(
         {
           stream: this.err,
-          format: '{label} |{bar}| {value}/{total} {unit}{fields} | {rate} | ETA {eta} | {elapsed}',
+          // Payload names must not clash with cli-progress's own placeholders (eta, duration, value, …).
+          format: '{label} |{bar}| {value}/{total} {unit}{fields} | {rate} | ETA {etaText} | {elapsedText}',
           hideCursor: true,
           clearOnComplete: false,
           stopOnComplete: false,
@@ -236,8 +237,8 @@ export class Reporter {
       unit: `${unit}s`,
       fields: '',
       rate: formatRate(NaN, unit),
-      eta: '--',
-      elapsed: '0s',
+      etaText: '--',
+      elapsedText: '0s',
     });
     this.bars += 1;
     return {
@@ -250,8 +251,8 @@ export class Reporter {
           unit: `${unit}s`,
           fields: f ? ` | ${f}` : '',
           rate: formatRate(t.rate, unit),
-          eta: formatDuration(t.eta),
-          elapsed: formatDuration(t.elapsed),
+          etaText: formatDuration(t.eta),
+          elapsedText: formatDuration(t.elapsed),
         });
       },
       stop: () => {

@@ -410,7 +410,8 @@ export function trainCommand(): Command {
         bar ??= ctx.reporter.progress({ label: 'train', total: e.maxSteps, unit: 'step', start: e.step - 1, jsonEvents: false });
         bar.update(e.step, {
           fields: { loss: e.loss.toFixed(4), lr: e.lr.toExponential(1) },
-          rate: 1 / Math.max(e.secondsPerStep, 1e-9),
+          // The trainer's ETA comes from the mean of recent steps: a steadier rate than the last step's.
+          rate: e.step < e.maxSteps && e.etaSeconds > 0 ? (e.maxSteps - e.step) / e.etaSeconds : 1 / Math.max(e.secondsPerStep, 1e-9),
           etaSeconds: e.etaSeconds,
         });
       });
