@@ -54,6 +54,8 @@ export {
   type UNetBackwardOptions,
   type UNetBackwardResult,
   type ParameterFilter,
+  CrossAttentionContext,
+  type PrepareContextOptions,
 } from './model/unet';
 export { StableDiffusion, type StableDiffusionLoadOptions } from './model/pipeline';
 export * from './train';

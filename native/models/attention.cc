@@ -4,7 +4,7 @@ namespace cd::models {
 
 Attention::Attention(const Weights::Scope& scope, int64_t queryDim, int64_t crossAttentionDim, int64_t heads,
                      int64_t dimHead, bool upcastAttention)
-    : heads_(heads), dimHead_(dimHead), cross_(crossAttentionDim > 0), upcast_(upcastAttention) {
+    : prefix_(scope.prefix()), heads_(heads), dimHead_(dimHead), cross_(crossAttentionDim > 0), upcast_(upcastAttention) {
   const int64_t inner = heads * dimHead;
   const int64_t kvIn = cross_ ? crossAttentionDim : queryDim;
   toQ_ = scope.get("to_q.weight", {inner, queryDim});
@@ -15,9 +15,7 @@ Attention::Attention(const Weights::Scope& scope, int64_t queryDim, int64_t cros
 }
 
 at::Tensor Attention::forward(const at::Tensor& x, const at::Tensor& context, const AttentionOptions& options) const {
-  const int64_t batch = x.size(0);
   const at::Tensor& kvInput = cross_ ? context : x;
-  at::Tensor q = at::linear(x, toQ_);
   at::Tensor k = at::linear(kvInput, toK_);
   at::Tensor v = at::linear(kvInput, toV_);
 
@@ -33,12 +31,21 @@ at::Tensor Attention::forward(const at::Tensor& x, const at::Tensor& context, co
       v = at::cat({v.narrow(1, 0, 1).detach(), v.narrow(1, 1, len - 1)}, 1);
     }
   }
+  return attend(x, splitHeads(k), splitHeads(v));
+}
 
-  // [B, N, H·D] → [B, H, N, D] as strided views, exactly as AttnProcessor2_0 hands them to SDPA
-  // (the kernels accept these strides, so no copy is made here).
-  q = q.view({batch, -1, heads_, dimHead_}).transpose(1, 2);
-  k = k.view({batch, -1, heads_, dimHead_}).transpose(1, 2);
-  v = v.view({batch, -1, heads_, dimHead_}).transpose(1, 2);
+at::Tensor Attention::forward(const at::Tensor& x, const CrossAttentionKV& kv) const {
+  return attend(x, kv.key, kv.value);
+}
+
+// The views of AttnProcessor2_0: SDPA accepts these strides, so no copy is made here.
+at::Tensor Attention::splitHeads(const at::Tensor& t) const {
+  return t.view({t.size(0), -1, heads_, dimHead_}).transpose(1, 2);
+}
+
+at::Tensor Attention::attend(const at::Tensor& x, const at::Tensor& k, const at::Tensor& v) const {
+  const int64_t batch = x.size(0);
+  at::Tensor q = splitHeads(at::linear(x, toQ_));
 
   const auto dtype = q.scalar_type();
   at::Tensor h;

@@ -3,7 +3,10 @@
 // threads and return promises.
 #include <napi.h>
 
+#include <cmath>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "core/async.h"
 #include "core/dtype_device.h"
@@ -25,6 +28,30 @@ using models::UNet2DConditionModel;
 const Handle<UNet2DConditionModel> kHandle({0x7c3e91a4d2b85f06ULL, 0x1f6a0d93c47e2b58ULL}, "UNet");
 
 std::shared_ptr<UNet2DConditionModel> ModelFrom(const Napi::Value& v) { return kHandle.From(v); }
+
+// A prepared context as JS holds it. Like a Tensor handle it tells V8 how much host memory it keeps
+// alive, so forgotten contexts are collected in time. Created and destroyed on the JS thread only
+// (queued passes hold the context itself, not the box).
+struct ContextBox {
+  std::shared_ptr<const models::CrossAttentionContext> context;
+  napi_env env = nullptr;
+  int64_t bytes = 0;
+  ContextBox(std::shared_ptr<const models::CrossAttentionContext> c, napi_env e) : context(std::move(c)), env(e) {
+    for (const auto& layer : context->layers)
+      for (const at::Tensor* t : {&layer.key, &layer.value})
+        if (t->device().is_cpu() && t->has_storage()) bytes += static_cast<int64_t>(t->storage().nbytes());
+    if (bytes) Napi::MemoryManagement::AdjustExternalMemory(Napi::Env(env), bytes);
+  }
+  // The C call: a destructor (run by the garbage collector's finalizer) must not throw.
+  ~ContextBox() {
+    int64_t total = 0;
+    if (bytes) napi_adjust_external_memory(env, -bytes, &total);
+  }
+  ContextBox(const ContextBox&) = delete;
+  ContextBox& operator=(const ContextBox&) = delete;
+};
+
+const Handle<ContextBox> kContextHandle({0x3b9d27e4a1c6f085ULL, 0x6e02c8f5b7d94a13ULL}, "cross-attention context");
 
 bool BoolOption(const Napi::Value& options, const char* key) {
   if (!options.IsObject()) return false;
@@ -57,13 +84,76 @@ Napi::Value Load(const Napi::CallbackInfo& info) {
   });
 }
 
-// unet.forward(handle, sample, timesteps, encoderHiddenStates, {bosDetach?}) → Promise<Tensor>
+// unet.prepareContext(handle, encoderHiddenStates, weightSets?: {name: Tensor}[], assignment?: number[])
+//   → Promise<context handle>
+Napi::Value PrepareContext(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    auto model = ModelFrom(info[0]);
+    at::Tensor states = TensorWrap::From(info[1], "encoderHiddenStates");
+    std::vector<UNet2DConditionModel::KVWeights> weightSets;
+    if (!info[2].IsUndefined() && !info[2].IsNull()) {
+      Require(info[2].IsArray(), "weightSets must be an array of {name: Tensor} objects");
+      auto sets = info[2].As<Napi::Array>();
+      for (uint32_t s = 0; s < sets.Length(); ++s) {
+        Napi::Value set = sets.Get(s);
+        Require(set.IsObject() && !set.IsArray(), "weightSets[" + std::to_string(s) + "] must be a {name: Tensor} object");
+        auto object = set.As<Napi::Object>();
+        auto names = object.GetPropertyNames();
+        UNet2DConditionModel::KVWeights weights;
+        for (uint32_t i = 0; i < names.Length(); ++i) {
+          const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
+          const std::string what = "weightSets[" + std::to_string(s) + "][\"" + name + "\"]";
+          weights.emplace(name, TensorWrap::From(object.Get(name), what.c_str()));
+        }
+        weightSets.push_back(std::move(weights));
+      }
+    }
+    std::vector<int64_t> assignment;
+    if (!info[3].IsUndefined() && !info[3].IsNull()) {
+      Require(info[3].IsArray(), "assignment must be an array of integers");
+      auto a = info[3].As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i) {
+        Napi::Value v = a.Get(i);
+        const double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
+        Require(std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9e15,
+                "assignment[" + std::to_string(i) + "] must be an integer");
+        assignment.push_back(static_cast<int64_t>(d));
+      }
+    }
+    return Run(env, [model, states, weightSets, assignment](const Progress&) -> ResultFn {
+      auto context = model->prepareContext(states, weightSets, assignment);
+      return [context](Napi::Env e) -> Napi::Value {
+        return kContextHandle.Wrap(e, std::make_shared<ContextBox>(context, e));
+      };
+    });
+  });
+}
+
+// unet.disposeContext(context): frees the keys and values once no pass still uses them.
+Napi::Value DisposeContext(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    kContextHandle.Dispose(info[0]);
+    return env.Undefined();
+  });
+}
+
+// unet.forward(handle, sample, timesteps, encoderHiddenStates | context, {bosDetach?}) → Promise<Tensor>
 Napi::Value Forward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
     auto model = ModelFrom(info[0]);
     at::Tensor sample = TensorWrap::From(info[1], "sample");
     at::Tensor timesteps = TensorWrap::From(info[2], "timesteps");
+    if (info[3].IsExternal()) {
+      // The box stays with JS; the pass holds the keys and values themselves.
+      std::shared_ptr<const models::CrossAttentionContext> prepared = kContextHandle.From(info[3])->context;
+      return Run(env, [model, sample, timesteps, prepared](const Progress&) -> ResultFn {
+        at::Tensor out = model->forward(sample, timesteps, *prepared);
+        return [out](Napi::Env e) -> Napi::Value { return TensorWrap::New(e, out); };
+      });
+    }
     at::Tensor context = TensorWrap::From(info[3], "encoderHiddenStates");
     models::AttentionOptions options;
     options.bosDetach = BoolOption(info[4], "bosDetach");
@@ -175,6 +265,8 @@ std::shared_ptr<UNet2DConditionModel> UNetFromJs(const Napi::Value& handle) { re
 void InitUNet(Napi::Env env, Napi::Object exports) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("load", Napi::Function::New(env, Load, "load"));
+  o.Set("prepareContext", Napi::Function::New(env, PrepareContext, "prepareContext"));
+  o.Set("disposeContext", Napi::Function::New(env, DisposeContext, "disposeContext"));
   o.Set("forward", Napi::Function::New(env, Forward, "forward"));
   o.Set("forwardBackward", Napi::Function::New(env, ForwardBackward, "forwardBackward"));
   o.Set("setTrainable", Napi::Function::New(env, SetTrainable, "setTrainable"));

@@ -28,11 +28,14 @@ BasicTransformerBlock::BasicTransformerBlock(const Weights::Scope& scope, int64_
   ffOutB_ = scope.get("ff.net.2.bias", {dim});
 }
 
-at::Tensor BasicTransformerBlock::forward(const at::Tensor& x, const at::Tensor& context,
+at::Tensor BasicTransformerBlock::forward(const at::Tensor& x, const CrossAttentionInput& context,
                                           const AttentionOptions& options) const {
   const std::vector<int64_t> shape{dim_};
   at::Tensor h = attn1_.forward(at::layer_norm(x, shape, norm1W_, norm1B_, kLayerNormEps), at::Tensor(), options) + x;
-  h = attn2_.forward(at::layer_norm(h, shape, norm2W_, norm2B_, kLayerNormEps), context, options) + h;
+  at::Tensor n = at::layer_norm(h, shape, norm2W_, norm2B_, kLayerNormEps);
+  h = (context.kv ? attn2_.forward(n, context.kv->layers.at(static_cast<size_t>(attn2_.slot())))
+                  : attn2_.forward(n, context.states, options)) +
+      h;
   // GEGLU: the projection's first half is the value, the second half the gate (exact-erf GELU).
   at::Tensor proj = at::linear(at::layer_norm(h, shape, norm3W_, norm3B_, kLayerNormEps), ffInW_, ffInB_);
   auto halves = proj.chunk(2, -1);
@@ -61,7 +64,11 @@ Transformer2DModel::Transformer2DModel(const Weights::Scope& scope, int64_t head
     blocks_.emplace_back(blocks.sub(static_cast<int>(i)), inner_, heads, dimHead, crossAttentionDim, upcastAttention);
 }
 
-at::Tensor Transformer2DModel::forward(const at::Tensor& x, const at::Tensor& context,
+void Transformer2DModel::collectCrossAttention(std::vector<Attention*>& out) {
+  for (auto& block : blocks_) out.push_back(&block.crossAttention());
+}
+
+at::Tensor Transformer2DModel::forward(const at::Tensor& x, const CrossAttentionInput& context,
                                        const AttentionOptions& options) const {
   const int64_t batch = x.size(0), height = x.size(2), width = x.size(3);
   at::Tensor h = at::group_norm(x, groups_, normW_, normB_, kGroupNormEps);

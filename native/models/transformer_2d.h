@@ -16,8 +16,9 @@ class BasicTransformerBlock {
  public:
   BasicTransformerBlock(const Weights::Scope& scope, int64_t dim, int64_t heads, int64_t dimHead,
                         int64_t crossAttentionDim, bool upcastAttention);
-  // x: [B, N, dim]; context: [B, L, crossAttentionDim].
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const AttentionOptions& options) const;
+  // x: [B, N, dim]; context: [B, L, crossAttentionDim] or its keys and values.
+  at::Tensor forward(const at::Tensor& x, const CrossAttentionInput& context, const AttentionOptions& options) const;
+  Attention& crossAttention() { return attn2_; }
 
  private:
   at::Tensor norm1W_, norm1B_, norm2W_, norm2B_, norm3W_, norm3B_;
@@ -32,7 +33,9 @@ class Transformer2DModel {
                      int64_t numLayers, int64_t crossAttentionDim, int64_t normGroups, bool useLinearProjection,
                      bool upcastAttention);
   // x: [B, C, H, W] → [B, C, H, W] (with the residual added).
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& context, const AttentionOptions& options) const;
+  at::Tensor forward(const at::Tensor& x, const CrossAttentionInput& context, const AttentionOptions& options) const;
+  // Appends each block's attn2, in forward order.
+  void collectCrossAttention(std::vector<Attention*>& out);
 
  private:
   at::Tensor normW_, normB_, projInW_, projInB_, projOutW_, projOutB_;

@@ -11,6 +11,18 @@ Transformer2DModel MakeTransformer(const Weights::Scope& scope, int64_t channels
 }
 }  // namespace
 
+void DownBlock::collectCrossAttention(std::vector<Attention*>& out) {
+  for (auto& a : attentions_) a.collectCrossAttention(out);
+}
+
+void UNetMidBlock2DCrossAttn::collectCrossAttention(std::vector<Attention*>& out) {
+  for (auto& a : attentions_) a.collectCrossAttention(out);
+}
+
+void UpBlock::collectCrossAttention(std::vector<Attention*>& out) {
+  for (auto& a : attentions_) a.collectCrossAttention(out);
+}
+
 DownBlock::DownBlock(const Weights::Scope& scope, int64_t inChannels, int64_t outChannels, int64_t numLayers,
                      bool addDownsample, int64_t downsamplePadding, const BlockSettings& s,
                      const CrossAttnSettings& a) {

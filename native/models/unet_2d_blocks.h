@@ -38,7 +38,7 @@ struct CrossAttnSettings {
 // The per-call state a block needs besides its input.
 struct BlockInputs {
   const at::Tensor& tembAct;  // the time embedding after the resnets' nonlinearity
-  const at::Tensor& context;  // encoder_hidden_states
+  const CrossAttentionInput& context;  // encoder_hidden_states, or their keys and values
   const AttentionOptions& attention;
 };
 
@@ -50,6 +50,8 @@ class DownBlock {
             const CrossAttnSettings& attn);
   // Appends each resnet(+attention) output and the downsampler's output to `skips`.
   at::Tensor forward(at::Tensor x, const BlockInputs& in, std::vector<at::Tensor>& skips) const;
+  // Appends every attn2 of the block, in forward order.
+  void collectCrossAttention(std::vector<Attention*>& out);
 
  private:
   std::vector<ResnetBlock2D> resnets_;
@@ -62,6 +64,7 @@ class UNetMidBlock2DCrossAttn {
   UNetMidBlock2DCrossAttn(const Weights::Scope& scope, int64_t channels, double outputScaleFactor,
                           const BlockSettings& settings, const CrossAttnSettings& attn);
   at::Tensor forward(at::Tensor x, const BlockInputs& in) const;
+  void collectCrossAttention(std::vector<Attention*>& out);
 
  private:
   std::vector<ResnetBlock2D> resnets_;
@@ -78,6 +81,7 @@ class UpBlock {
   // Pops one skip per resnet from the end of `skips`.
   at::Tensor forward(at::Tensor x, const BlockInputs& in, std::vector<at::Tensor>& skips,
                      const std::optional<std::vector<int64_t>>& upsampleSize) const;
+  void collectCrossAttention(std::vector<Attention*>& out);
   size_t numLayers() const { return resnets_.size(); }
   bool hasUpsampler() const { return upsampler_.has_value(); }
 

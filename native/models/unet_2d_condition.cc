@@ -16,6 +16,14 @@ std::vector<int64_t> Wide(const std::vector<int>& v) { return std::vector<int64_
 // diffusers strips a "UNetRes" prefix from block type names before dispatching on them.
 std::string BlockName(const std::string& name) { return name.rfind("UNetRes", 0) == 0 ? name.substr(7) : name; }
 
+// Tells models apart for a CrossAttentionContext (an address could be reused by a later model).
+uint64_t NextModelId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1);
+}
+
+std::string ShapeText(at::IntArrayRef shape) { return c10::str(shape); }
+
 Activation ReadActivation(ConfigReader& r, const std::string& key, const std::string& fallback, bool nullable) {
   const std::string name = r.String(key, fallback);
   if (nullable && name.empty()) return Activation::None;
@@ -208,7 +216,9 @@ bool IsTrainable(TrainableMode mode, const std::string& name) {
 }
 
 UNet2DConditionModel::UNet2DConditionModel(UNetConfig config, Weights weights)
-    : config_(std::move(config)), timeProj_(config_.blockOutChannels[0], config_.flipSinToCos, config_.freqShift) {
+    : config_(std::move(config)),
+      timeProj_(config_.blockOutChannels[0], config_.flipSinToCos, config_.freqShift),
+      id_(NextModelId()) {
   const UNetConfig& c = config_;
   const int n = static_cast<int>(c.blockOutChannels.size());
   auto root = weights.root();
@@ -265,6 +275,14 @@ UNet2DConditionModel::UNet2DConditionModel(UNetConfig config, Weights weights)
   convOutB_ = root.get("conv_out.bias", {c.outChannels});
 
   weights.Finish();
+  std::vector<Attention*> cross;
+  for (auto& block : down_) block.collectCrossAttention(cross);
+  if (mid_) mid_->collectCrossAttention(cross);
+  for (auto& block : up_) block.collectCrossAttention(cross);
+  for (size_t i = 0; i < cross.size(); ++i) {
+    cross[i]->setSlot(static_cast<int64_t>(i));
+    crossAttention_.push_back(cross[i]);
+  }
   params_ = weights.tensors();
   options_ = at::TensorOptions().dtype(convInW_.scalar_type()).device(convInW_.device());
   for (auto& [name, p] : params_) {
@@ -282,19 +300,127 @@ at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Ten
                                          const at::Tensor& encoderHiddenStates, const AttentionOptions& options) const {
   Require(encoderHiddenStates.defined(), "encoder_hidden_states is required");
   std::shared_lock<std::shared_mutex> lock(mutex_);
-  return forwardImpl(sample, timesteps, encoderHiddenStates.to(options_), options);
+  return forwardImpl(sample, timesteps, CrossAttentionInput{encoderHiddenStates.to(options_)}, options);
+}
+
+at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
+                                         const CrossAttentionContext& context) const {
+  Require(context.modelId == id_, "This cross-attention context was prepared by another UNet");
+  at::NoGradGuard noGrad;
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return forwardImpl(sample, timesteps, CrossAttentionInput{at::Tensor(), &context}, AttentionOptions{});
+}
+
+std::shared_ptr<const CrossAttentionContext> UNet2DConditionModel::prepareContext(
+    const at::Tensor& encoderHiddenStates, const std::vector<KVWeights>& weightSets,
+    std::vector<int64_t> assignment) const {
+  const int64_t dim = config_.crossAttentionDim;
+  Require(encoderHiddenStates.defined() && encoderHiddenStates.dim() == 3 && encoderHiddenStates.size(0) > 0 &&
+              encoderHiddenStates.size(2) == dim,
+          "encoder_hidden_states must have shape [batch, tokens, " + std::to_string(dim) + "] with batch > 0");
+  const int64_t batch = encoderHiddenStates.size(0);
+  const int64_t sets = static_cast<int64_t>(weightSets.size());
+  if (assignment.empty()) {
+    Require(sets <= 1, "assignment is required with several weight sets: one set index (or -1) per row");
+    assignment.assign(static_cast<size_t>(batch), sets == 1 ? 0 : -1);
+  }
+  Require(static_cast<int64_t>(assignment.size()) == batch,
+          "assignment has " + std::to_string(assignment.size()) + " entries but encoder_hidden_states has " +
+              std::to_string(batch) + " rows");
+  for (size_t b = 0; b < assignment.size(); ++b)
+    Require(assignment[b] >= -1 && assignment[b] < sets,
+            "assignment[" + std::to_string(b) + "] is " + std::to_string(assignment[b]) + ": expected -1 (the model's " +
+                "own weights) or the index of one of the " + std::to_string(sets) + " weight sets");
+
+  // Column 2·slot holds a layer's key weight, 2·slot + 1 its value weight.
+  std::map<std::string, size_t> columns;
+  for (size_t i = 0; i < crossAttention_.size(); ++i) {
+    columns[crossAttention_[i]->prefix() + "to_k.weight"] = 2 * i;
+    columns[crossAttention_[i]->prefix() + "to_v.weight"] = 2 * i + 1;
+  }
+  auto baseWeight = [&](size_t column) -> const at::Tensor& {
+    const Attention* layer = crossAttention_[column / 2];
+    return column % 2 == 0 ? layer->keyWeight() : layer->valueWeight();
+  };
+  std::vector<std::vector<at::Tensor>> replaced(weightSets.size(), std::vector<at::Tensor>(columns.size()));
+  for (size_t s = 0; s < weightSets.size(); ++s) {
+    const std::string where = "weightSets[" + std::to_string(s) + "]";
+    for (const auto& [name, w] : weightSets[s]) {
+      auto it = columns.find(name);
+      if (it == columns.end()) {
+        Require(params_.count(name) == 0, where + ": \"" + name +
+                                              "\" is not a cross-attention key or value weight; only attn2.to_k.weight "
+                                              "and attn2.to_v.weight can differ between rows");
+        Require(false, where + ": this UNet has no layer \"" + name + "\"");
+      }
+      const at::Tensor& base = baseWeight(it->second);
+      Require(w.defined() && at::isFloatingType(w.scalar_type()),
+              where + ": \"" + name + "\" must be a floating-point tensor");
+      Require(w.sizes() == base.sizes(), where + ": \"" + name + "\" has shape " + ShapeText(w.sizes()) +
+                                             " but the model's is " + ShapeText(base.sizes()));
+      replaced[s][it->second] = w.to(options_);
+    }
+  }
+
+  at::NoGradGuard noGrad;
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  const at::Tensor states = encoderHiddenStates.to(options_);
+  const int64_t tokens = states.size(1);
+  auto context = std::make_shared<CrossAttentionContext>();
+  context->modelId = id_;
+  context->batchSize = batch;
+  context->tokens = tokens;
+
+  // Rows grouped by the weight they use in one layer, each group gathered once for all layers.
+  std::map<std::vector<int64_t>, std::pair<at::Tensor, at::Tensor>> gathered;  // rows → (index, states rows)
+  auto project = [&](size_t column) -> at::Tensor {
+    const at::Tensor& base = baseWeight(column);
+    std::map<int64_t, std::vector<int64_t>> groups;  // set (-1: the model's own weight) → rows
+    for (int64_t b = 0; b < batch; ++b) {
+      int64_t s = assignment[static_cast<size_t>(b)];
+      if (s >= 0 && !replaced[static_cast<size_t>(s)][column].defined()) s = -1;
+      groups[s].push_back(b);
+    }
+    auto weightOf = [&](int64_t s) -> const at::Tensor& {
+      return s < 0 ? base : replaced[static_cast<size_t>(s)][column];
+    };
+    // One weight for the whole batch: the very product forward computes, so the output is bit for bit the same.
+    if (groups.size() == 1) return at::linear(states, weightOf(groups.begin()->first));
+    at::Tensor out = at::empty({batch, tokens, base.size(0)}, options_);
+    for (const auto& [s, rows] : groups) {
+      auto& [index, rowStates] = gathered[rows];
+      if (!index.defined()) {
+        index = at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(options_.device());
+        rowStates = states.index_select(0, index);
+      }
+      out.index_copy_(0, index, at::linear(rowStates, weightOf(s)));
+    }
+    return out;
+  };
+  context->layers.reserve(crossAttention_.size());
+  for (size_t i = 0; i < crossAttention_.size(); ++i) {
+    const Attention* layer = crossAttention_[i];
+    context->layers.push_back({layer->splitHeads(project(2 * i)), layer->splitHeads(project(2 * i + 1))});
+  }
+  return context;
 }
 
 at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const at::Tensor& timestepsIn,
-                                             const at::Tensor& context, const AttentionOptions& options) const {
+                                             const CrossAttentionInput& context, const AttentionOptions& options) const {
   const UNetConfig& c = config_;
   Require(sampleIn.defined() && sampleIn.dim() == 4 && sampleIn.size(1) == c.inChannels,
           "sample must have shape [batch, " + std::to_string(c.inChannels) + ", height, width]");
   const int64_t batch = sampleIn.size(0);
-  Require(context.defined() && context.dim() == 3 && context.size(0) == batch &&
-              context.size(2) == c.crossAttentionDim,
-          "encoder_hidden_states must have shape [" + std::to_string(batch) + ", tokens, " +
-              std::to_string(c.crossAttentionDim) + "]");
+  if (context.kv) {
+    Require(context.kv->batchSize == batch, "The cross-attention context was prepared for a batch of " +
+                                                std::to_string(context.kv->batchSize) + " but sample has a batch of " +
+                                                std::to_string(batch));
+  } else {
+    const at::Tensor& states = context.states;
+    Require(states.defined() && states.dim() == 3 && states.size(0) == batch && states.size(2) == c.crossAttentionDim,
+            "encoder_hidden_states must have shape [" + std::to_string(batch) + ", tokens, " +
+                std::to_string(c.crossAttentionDim) + "]");
+  }
   Require(timestepsIn.defined() && timestepsIn.dim() <= 1 &&
               (timestepsIn.numel() == 1 || timestepsIn.numel() == batch),
           "timesteps must be a scalar, a [1] tensor or a [" + std::to_string(batch) + "] tensor");
@@ -360,7 +486,7 @@ UNet2DConditionModel::BackwardResult UNet2DConditionModel::forwardBackward(
   if (encoderHiddenStatesRequiresGrad) context.requires_grad_(true);
 
   BackwardResult result;
-  at::Tensor out = forwardImpl(sample, timesteps, context, options);
+  at::Tensor out = forwardImpl(sample, timesteps, CrossAttentionInput{context}, options);
   Require(gradOut.defined() && gradOut.sizes() == out.sizes(),
           "gradOut must have the output's shape " + std::string(c10::str(out.sizes())));
   if (out.requires_grad()) out.backward(gradOut.to(out.options()));

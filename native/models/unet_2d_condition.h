@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <map>
+#include <memory>
 #include <optional>
 #include <shared_mutex>
 #include <string>
@@ -73,6 +74,23 @@ class UNet2DConditionModel {
   // at::NoGradGuard). Takes the model's lock shared.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoderHiddenStates,
                      const AttentionOptions& options = {}) const;
+  // The same pass with every cross-attention's keys and values taken from `context` (made by this
+  // model's prepareContext for a batch of sample's size). Inference only: no autograd is recorded.
+  at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const CrossAttentionContext& context) const;
+
+  // A replacement for some cross-attention K/V weights, by diffusers name
+  // ("….attn2.to_k.weight" / "….attn2.to_v.weight").
+  using KVWeights = std::map<std::string, at::Tensor>;
+  // Computes the keys and values of every cross-attention for encoderHiddenStates [B, L, D] once,
+  // so a sampling loop does not recompute them at each step. Row b uses weightSets[assignment[b]]
+  // for the layers that set has and the model's own weights elsewhere (assignment -1: the model's
+  // own everywhere), so concepts with different weights share one batch: each layer does one
+  // product per distinct weight among the rows. An empty assignment means all -1 with no weight
+  // sets, all 0 with one. The result holds the weights as they are now (an applied delta is seen
+  // only by contexts prepared after it). Throws INVALID_ARGUMENT naming any mismatch.
+  std::shared_ptr<const CrossAttentionContext> prepareContext(const at::Tensor& encoderHiddenStates,
+                                                              const std::vector<KVWeights>& weightSets,
+                                                              std::vector<int64_t> assignment) const;
 
   struct BackwardResult {
     at::Tensor out;
@@ -96,7 +114,7 @@ class UNet2DConditionModel {
   at::TensorOptions options() const { return options_; }
 
  private:
-  at::Tensor forwardImpl(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& context,
+  at::Tensor forwardImpl(const at::Tensor& sample, const at::Tensor& timesteps, const CrossAttentionInput& context,
                          const AttentionOptions& options) const;
 
   UNetConfig config_;
@@ -109,6 +127,8 @@ class UNet2DConditionModel {
   std::vector<UpBlock> up_;
   at::Tensor normOutW_, normOutB_, convOutW_, convOutB_;
   int64_t numUpsamplers_ = 0;
+  std::vector<const Attention*> crossAttention_;  // by slot
+  const uint64_t id_;
   std::map<std::string, at::Tensor> params_;
   std::atomic<TrainableMode> mode_{TrainableMode::None};
   mutable std::shared_mutex mutex_;

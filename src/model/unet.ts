@@ -9,13 +9,15 @@
  *   else is frozen, so autograd does no work for it.
  * - {@link UNet.forwardBackward} runs a forward and a backward pass and hands back the gradients of
  *   the trainable parameters, optionally with Custom Diffusion's start-token detach.
+ * - {@link UNet.prepareContext} computes every cross-attention's keys and values for a prompt batch
+ *   once, for all denoising steps, and lets each row of one batch use its own concept's K/V weights.
  *
  * @packageDocumentation
  */
 
 import * as path from 'path';
 import { callAsync, callSync, nativeAs, type DeviceName, type Dtype, type NativeTensor } from '../native';
-import { InvalidArgumentError } from '../errors';
+import { DisposedError, InvalidArgumentError } from '../errors';
 import { Tensor } from '../core/tensor';
 import { findWeightFiles, readConfigText } from './files';
 
@@ -42,11 +44,18 @@ interface NativeUNetInfo {
 interface UNetBinding {
   unet: {
     load(configText: string, files: string[], options: { dtype?: Dtype; device?: DeviceName; configFile?: string }): Promise<unknown>;
+    prepareContext(
+      handle: unknown,
+      encoderHiddenStates: NativeTensor,
+      weightSets: Record<string, NativeTensor>[] | undefined,
+      assignment: number[] | undefined,
+    ): Promise<unknown>;
+    disposeContext(context: unknown): void;
     forward(
       handle: unknown,
       sample: NativeTensor,
       timesteps: NativeTensor,
-      encoderHiddenStates: NativeTensor,
+      encoderHiddenStates: unknown, // a NativeTensor or a prepareContext handle
       options: { bosDetach?: boolean },
     ): Promise<NativeTensor>;
     forwardBackward(
@@ -108,6 +117,58 @@ export interface UNetConfig {
 export interface UNetForwardOptions {
   /** Detach the cross-attention keys and values of token 0 (no effect on the values). */
   bosDetach?: boolean;
+}
+
+/** Options of {@link UNet.prepareContext}. */
+export interface PrepareContextOptions {
+  /**
+   * Replacement cross-attention key/value weights, one set per concept: diffusers name
+   * (`…attn2.to_k.weight` / `…attn2.to_v.weight`) → a tensor of that layer's shape (any float dtype
+   * or device: it is converted to the model's). A set may hold only some layers; the others keep the
+   * model's own weights. A Custom Diffusion delta's `weights` is such a set.
+   */
+  weightSets?: Array<Record<string, Tensor>>;
+  /**
+   * One entry per row of `encoderHiddenStates`: the index of the weight set the row uses, or -1 for
+   * the model's own weights. Default: all -1 without weight sets, all 0 with exactly one set; with
+   * several sets it is required.
+   */
+  assignment?: number[];
+}
+
+/**
+ * Every cross-attention's keys and values for one batch of text, made by {@link UNet.prepareContext}
+ * and passed to {@link UNet.forward} in place of the text: a sampling loop then projects the prompt
+ * once rather than at each step. It belongs to the UNet that made it and holds the K/V weights as they
+ * were when it was made. Free it with {@link dispose} (the garbage collector frees forgotten ones).
+ */
+export class CrossAttentionContext {
+  /** The number of rows: the batch size of every forward pass it is used in. */
+  readonly batchSize: number;
+  /** Text tokens per row. */
+  readonly tokens: number;
+
+  /** @internal */
+  readonly handle: unknown;
+  private isDisposed = false;
+
+  /** @internal */
+  constructor(handle: unknown, batchSize: number, tokens: number) {
+    this.handle = handle;
+    this.batchSize = batchSize;
+    this.tokens = tokens;
+  }
+
+  get disposed(): boolean {
+    return this.isDisposed;
+  }
+
+  /** Frees the keys and values (once passes that use them finish). Later forward calls throw a DisposedError. */
+  dispose(): void {
+    if (this.isDisposed) return;
+    this.isDisposed = true;
+    callSync(() => binding().disposeContext(this.handle));
+  }
 }
 
 /** Options of {@link UNet.forwardBackward}. */
@@ -244,24 +305,79 @@ export class UNet {
    * @param sample latents `[B, inChannels, H, W]` (any H, W: odd sizes are handled as diffusers does).
    * @param timesteps `[B]`, `[1]` or a scalar tensor, integer or real (one value is used for the whole
    *   batch), or a number.
-   * @param encoderHiddenStates text context `[B, tokens, crossAttentionDim]`.
+   * @param encoderHiddenStates text context `[B, tokens, crossAttentionDim]`, or a
+   *   {@link CrossAttentionContext} of this UNet with `batchSize` B (the result is then bit for bit
+   *   the one with the text it was prepared from and the weights it was prepared with).
    * @returns `[B, outChannels, H, W]` in the model's dtype, on its device.
+   * @throws InvalidArgumentError for mis-shaped inputs, or a context of another UNet or batch size.
+   * @throws DisposedError when the model or the context was disposed.
    */
   async forward(
     sample: Tensor,
     timesteps: Tensor | number,
-    encoderHiddenStates: Tensor,
+    encoderHiddenStates: Tensor | CrossAttentionContext,
     options: UNetForwardOptions = {},
   ): Promise<Tensor> {
     requireTensor(sample, 'sample');
-    requireTensor(encoderHiddenStates, 'encoderHiddenStates');
+    let context: unknown;
+    if (encoderHiddenStates instanceof CrossAttentionContext) {
+      if (encoderHiddenStates.disposed) throw new DisposedError('This cross-attention context was disposed; it can no longer be used.');
+      context = encoderHiddenStates.handle;
+    } else {
+      requireTensor(encoderHiddenStates, 'encoderHiddenStates');
+      context = encoderHiddenStates.handle;
+    }
     const t = timestepTensor(timesteps);
     const out = await callAsync(() =>
-      binding().forward(this.handle, sample.handle, t.handle, encoderHiddenStates.handle, {
+      binding().forward(this.handle, sample.handle, t.handle, context, {
         bosDetach: options.bosDetach === true,
       }),
     );
     return new Tensor(out);
+  }
+
+  /**
+   * Computes the keys and values of every cross-attention for `encoderHiddenStates` once, to pass to
+   * {@link forward} at every denoising step instead of the text.
+   *
+   * With `weightSets` and `assignment`, rows of one batch use different concepts' K/V weights (the
+   * only weights Custom Diffusion trains): row b is computed with `weightSets[assignment[b]]` where
+   * that set has a layer and with the model's own weights elsewhere, so a forward pass on the context
+   * equals, row by row, separate passes with each set's weights put into the model. Each layer does
+   * one product per distinct weight among the rows; the model's weights are not copied or changed.
+   * Inference only (no autograd).
+   *
+   * @param encoderHiddenStates text context `[B, tokens, crossAttentionDim]`.
+   * @throws InvalidArgumentError naming the problem: a mis-shaped context, an assignment of the wrong
+   *   length or out of range, a weight name that is not an `attn2.to_k`/`attn2.to_v` weight of this
+   *   UNet, or a weight of the wrong shape.
+   */
+  async prepareContext(encoderHiddenStates: Tensor, options: PrepareContextOptions = {}): Promise<CrossAttentionContext> {
+    requireTensor(encoderHiddenStates, 'encoderHiddenStates');
+    const { weightSets, assignment } = options;
+    let sets: Record<string, NativeTensor>[] | undefined;
+    if (weightSets !== undefined) {
+      if (!Array.isArray(weightSets)) throw new InvalidArgumentError('weightSets must be an array of {name: Tensor} objects');
+      sets = weightSets.map((set, s) => {
+        if (typeof set !== 'object' || set === null || Array.isArray(set)) {
+          throw new InvalidArgumentError(`weightSets[${s}] must be a {name: Tensor} object`);
+        }
+        const out: Record<string, NativeTensor> = {};
+        for (const [name, w] of Object.entries(set)) {
+          requireTensor(w, `weightSets[${s}]["${name}"]`);
+          out[name] = w.handle;
+        }
+        return out;
+      });
+    }
+    if (assignment !== undefined) {
+      if (!Array.isArray(assignment) || assignment.some((a) => !Number.isInteger(a))) {
+        throw new InvalidArgumentError('assignment must be an array of integers');
+      }
+    }
+    const handle = await callAsync(() => binding().prepareContext(this.handle, encoderHiddenStates.handle, sets, assignment));
+    const [batch, tokens] = encoderHiddenStates.shape;
+    return new CrossAttentionContext(handle, batch, tokens);
   }
 
   /**
