@@ -34,6 +34,7 @@ export {
   type TorchOpaque,
   type LoadTorchFileOptions,
 } from './core/torch-file';
+export { saveTorchFile, type TorchSaveValue, type SaveTorchFileOptions } from './core/torch-save';
 export { TextEncoder, type TextEncoderLoadOptions, type EncodeOptions, type TextEncoderOutput } from './model/text-encoder';
 export {
   AutoencoderKL,
@@ -78,6 +79,12 @@ export {
   openDelta,
   compvisToDiffusersName,
   attnProcToDiffusersName,
+  exportDelta,
+  diffusersToCompvisName,
+  diffusersToAttnProcName,
+  DELTA_EXPORT_FORMATS,
+  loraKeyOf,
+  embeddingTriggerOf,
   type Delta,
   type DeltaKind,
   type DeltaTokenInfo,
@@ -90,4 +97,10 @@ export {
   type CompressDeltaOptions,
   type CompressDeltaResult,
   type ForeignDeltaFormat,
+  type DeltaExportFormat,
+  type ExportDeltaOptions,
+  type ExportDeltaResult,
+  type ExportedToken,
+  type LoraExportOptions,
+  type LoraLayerInfo,
 } from './delta';

@@ -1,6 +1,6 @@
 /**
  * Custom Diffusion deltas: reading/inspecting, applying/unapplying, multi-concept merging (closed
- * form) and low-rank compression.
+ * form), low-rank compression, and export to the original, diffusers and LoRA formats.
  *
  * @packageDocumentation
  */
@@ -38,3 +38,14 @@ export {
   type ForeignDeltaFormat,
   type ReadForeignOptions,
 } from './foreign';
+export {
+  exportDelta,
+  diffusersToCompvisName,
+  diffusersToAttnProcName,
+  DELTA_EXPORT_FORMATS,
+  type DeltaExportFormat,
+  type ExportDeltaOptions,
+  type ExportDeltaResult,
+  type ExportedToken,
+} from './export';
+export { loraKeyOf, embeddingTriggerOf, type LoraExportOptions, type LoraLayerInfo } from './lora';

@@ -4,30 +4,35 @@ import * as path from 'path';
 import { Tensor, isTorchDict, type TorchValue } from '../../src';
 import { repoRoot, runPython } from './env';
 
-let missing: string | null | undefined;
+const missing = new Map<string, string | null>();
 
-/** Why python3 with torch and safetensors cannot be used here, or null when it can. */
-export function pythonTorchMissing(): string | null {
-  if (missing !== undefined) return missing;
+/** Why python3 cannot import `modules` here, or null when it can. */
+export function pythonModulesMissing(modules: string[]): string | null {
+  const key = modules.join(',');
+  if (missing.has(key)) return missing.get(key)!;
   const python = process.env.PYTHON || 'python3';
-  const r = spawnSync(python, ['-c', 'import torch, safetensors'], { encoding: 'utf8' });
-  if (r.error) missing = `${python} cannot be run (${r.error.message})`;
-  else if (r.status !== 0) missing = `${python} lacks torch or safetensors (${(r.stderr || '').trim().split('\n').pop()})`;
-  else missing = null;
-  return missing;
+  const r = spawnSync(python, ['-c', `import ${key}`], { encoding: 'utf8' });
+  let reason: string | null = null;
+  if (r.error) reason = `${python} cannot be run (${r.error.message})`;
+  else if (r.status !== 0) reason = `${python} cannot import ${modules.join(', ')} (${(r.stderr || '').trim().split('\n').pop()})`;
+  missing.set(key, reason);
+  return reason;
 }
 
-/** `it` when the Python reference is available, otherwise `it.skip` (the reason is logged once). */
-export function itWithPython(): jest.It {
-  const reason = pythonTorchMissing();
+/**
+ * `it` when python3 can import `modules` (default: torch and safetensors, the Python reference),
+ * otherwise `it.skip`, with the reason logged.
+ */
+export function itWithPython(modules: string[] = ['torch', 'safetensors']): jest.It {
+  const reason = pythonModulesMissing(modules);
   if (reason === null) return it;
-  console.warn(`Skipping the Python reference checks: ${reason}`);
+  console.warn(`Skipping a Python reference check: ${reason}`);
   return it.skip;
 }
 
-/** Runs test/parity/export_interop.py and parses its JSON. */
-export function exportInterop<T = unknown>(args: string[]): T {
-  return JSON.parse(runPython([path.join(repoRoot, 'test', 'parity', 'export_interop.py'), ...args])) as T;
+/** Runs a script of test/parity (default export_interop.py) and parses the JSON it prints. */
+export function exportInterop<T = unknown>(args: string[], script = 'export_interop.py'): T {
+  return JSON.parse(runPython([path.join(repoRoot, 'test', 'parity', script), ...args])) as T;
 }
 
 /** sha256 of a tensor's raw bytes (as export_interop.py computes it). */

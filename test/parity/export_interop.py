@@ -105,7 +105,8 @@ def lora(lora_file, delta_file, base_file):
             want = delta[name].double()
         got = w0 + up @ down * (alpha / rank)
         rel = float((got - want).norm() / want.norm())
-        layers[name] = {"rel_error": rel, "rank": rank, "alpha": alpha}
+        rel_delta = float((got - want).norm() / (want - w0).norm())
+        layers[name] = {"rel_error": rel, "rel_error_of_delta": rel_delta, "rank": rank, "alpha": alpha}
     print(json.dumps({"layers": layers, "keys": sorted(sd.keys()), "metadata": meta}))
 
 
