@@ -3,6 +3,7 @@ import { AbortError, CustomDiffusionError, DeviceUnavailableError, InvalidArgume
 import { EXIT_INTERRUPTED } from './action';
 import { composeCommand } from './compose';
 import { compressCommand } from './compress';
+import { convertCommand } from './convert';
 import { doctorCommand } from './doctor';
 import { inspectCommand } from './inspect';
 import { retrieveCommand } from './retrieve';
@@ -15,7 +16,7 @@ export const EXIT_USAGE = 2;
 export { EXIT_INTERRUPTED };
 
 /** The commands, in the order --help lists them. A new command is one line here. */
-export const COMMANDS: (() => Command)[] = [trainCommand, retrieveCommand, composeCommand, compressCommand, inspectCommand, doctorCommand];
+export const COMMANDS: (() => Command)[] = [trainCommand, retrieveCommand, composeCommand, compressCommand, convertCommand, inspectCommand, doctorCommand];
 
 export function buildProgram(): Command {
   const program = new Command('customdiff')
