@@ -163,3 +163,13 @@ export class TrainingError extends CustomDiffusionError {
  * width, or another base model unless forced).
  */
 export class DeltaMismatchError extends InvalidArgumentError {}
+
+/**
+ * A generation request arrived while the model's queue was full (see `queueLimit` of
+ * StableDiffusion.load): retry later, or raise the limit.
+ */
+export class QueueFullError extends CustomDiffusionError {
+  constructor(message: string) {
+    super(message, 'QUEUE_FULL');
+  }
+}

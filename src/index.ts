@@ -104,3 +104,4 @@ export {
   type LoraExportOptions,
   type LoraLayerInfo,
 } from './delta';
+export * from './sample';

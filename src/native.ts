@@ -29,7 +29,9 @@ export type DeviceName = string;
 /** A progress event sent by native work. */
 export interface NativeProgress {
   kind: string;
-  [key: string]: number | string;
+  /** A binary payload, when the event carries one (e.g. a preview image). */
+  data?: Buffer;
+  [key: string]: number | string | Buffer | undefined;
 }
 
 export interface NativeTensor {
@@ -289,4 +291,14 @@ function abortMessage(signal: AbortSignal): string {
  */
 export function nativeAs<T>(): T {
   return native() as unknown as T;
+}
+
+/**
+ * The native handle of a loaded model (UNet, TextEncoder, AutoencoderKL keep it private to the
+ * library; the trainer and the sampler hand it to native code that works on the model itself).
+ */
+export function modelHandle(model: object, what: string): unknown {
+  const h = (model as { handle?: unknown }).handle;
+  if (h === undefined || h === null) throw new InvalidArgumentError(`${what} is not a loaded model`);
+  return h;
 }

@@ -99,6 +99,7 @@ class Job : public Napi::AsyncWorker {
       Napi::Object o = Napi::Object::New(env);
       o.Set("kind", d->event.kind);
       for (const auto& [k, v] : d->event.values) o.Set(k, v);
+      if (!d->event.data.empty()) o.Set("data", Napi::Buffer<uint8_t>::Copy(env, d->event.data.data(), d->event.data.size()));
       try {
         fn.Call({o});
       } catch (const Napi::Error& e) {

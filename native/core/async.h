@@ -7,6 +7,7 @@
 #include <napi.h>
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -22,6 +23,8 @@ using CancelFlag = std::shared_ptr<std::atomic<bool>>;
 struct ProgressEvent {
   std::string kind;
   std::vector<std::pair<std::string, double>> values;
+  // An optional binary payload (e.g. a preview image), delivered to JS as the Buffer `data`.
+  std::vector<uint8_t> data;
 };
 
 class Progress {

@@ -262,6 +262,10 @@ Napi::Value Dispose(const Napi::CallbackInfo& info) {
 // For native code handed a JS UNet (the Custom Diffusion trainer); declared in models/handles.h.
 std::shared_ptr<UNet2DConditionModel> UNetFromJs(const Napi::Value& handle) { return ModelFrom(handle); }
 
+std::shared_ptr<const models::CrossAttentionContext> CrossAttentionContextFromJs(const Napi::Value& handle) {
+  return kContextHandle.From(handle)->context;
+}
+
 void InitUNet(Napi::Env env, Napi::Object exports) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("load", Napi::Function::New(env, Load, "load"));

@@ -13,6 +13,7 @@ namespace cd::models {
 class UNet2DConditionModel;
 class ClipTextModel;
 class AutoencoderKL;
+struct CrossAttentionContext;
 }  // namespace cd::models
 
 namespace cd {
@@ -20,5 +21,7 @@ namespace cd {
 std::shared_ptr<models::UNet2DConditionModel> UNetFromJs(const Napi::Value& handle);        // bind_unet.cc
 std::shared_ptr<models::ClipTextModel> TextEncoderFromJs(const Napi::Value& handle);        // bind_text_encoder.cc
 std::shared_ptr<models::AutoencoderKL> VaeFromJs(const Napi::Value& handle);                // bind_vae.cc
+// A context of unet.prepareContext (the keys and values it holds, not the JS box).       // bind_unet.cc
+std::shared_ptr<const models::CrossAttentionContext> CrossAttentionContextFromJs(const Napi::Value& handle);
 
 }  // namespace cd

@@ -497,6 +497,17 @@ at::Tensor Scheduler::StepNoise(const at::Tensor& like, const StepOptions& optio
                                           c10::str(like.sizes()));
     return n.to(like.device(), dtype);
   }
+  if (!options.generators.empty()) {
+    if (static_cast<int64_t>(options.generators.size()) != like.size(0))
+      throw Error("INVALID_ARGUMENT", "The step has " + std::to_string(options.generators.size()) +
+                                          " generators for a batch of " + std::to_string(like.size(0)));
+    std::vector<int64_t> one = like.sizes().vec();
+    one[0] = 1;
+    std::vector<at::Tensor> parts;
+    for (const at::Generator& g : options.generators)
+      parts.push_back(at::randn(one, g, at::TensorOptions().dtype(dtype).device(g.device())).to(like.device()));
+    return at::cat(parts, 0);
+  }
   if (options.generator && options.generator->device() != like.device()) {
     // As diffusers' randn_tensor: draw on the generator's device, then move.
     return at::randn(like.sizes(), *options.generator, at::TensorOptions().dtype(dtype).device(options.generator->device()))

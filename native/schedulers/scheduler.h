@@ -28,6 +28,9 @@ namespace cd::schedulers {
 struct StepOptions {
   std::optional<at::Tensor> noise;
   std::optional<at::Generator> generator;
+  // One generator per batch item (as diffusers' randn_tensor with a list of generators): item i's
+  // noise is drawn from generators[i] alone, so image i of a batch reproduces on its own.
+  std::vector<at::Generator> generators;
   double eta = 0.0;                     // DDIM: η (0 = deterministic DDIM, 1 = DDPM-like)
   bool useClippedModelOutput = false;   // DDIM
   double sChurn = 0.0;                  // Euler: churn (0 = deterministic)

@@ -48,9 +48,7 @@ export class AppliedDelta {
     readonly tokenIds: Record<string, number>,
     private readonly restoreTargets: Tensor[],
     private readonly saved: Tensor[],
-    private readonly textEncoder: TextEncoder | undefined,
-    private readonly vocabBefore: number,
-    private readonly savedRows: { ids: number[]; rows: Tensor } | null,
+    private readonly tokens: InstalledTokenRows,
   ) {}
 
   get applied(): boolean {
@@ -61,12 +59,8 @@ export class AppliedDelta {
   unapply(): void {
     if (!this.active) throw new InvalidArgumentError('This delta was already unapplied');
     callSync(() => deltaBinding().assign(this.restoreTargets.map((t) => t.handle), this.saved.map((t) => t.handle)));
-    if (this.textEncoder) {
-      if (this.savedRows) this.textEncoder.setTokenRows(this.savedRows.ids, this.savedRows.rows);
-      if (this.textEncoder.vocabSize !== this.vocabBefore) this.textEncoder.resizeTokenEmbeddings(this.vocabBefore);
-    }
+    this.tokens.restore();
     for (const t of this.saved) t.dispose();
-    this.savedRows?.rows.dispose();
     this.active = false;
   }
 }
@@ -112,37 +106,82 @@ export async function applyDelta(delta: Delta, targets: ApplyTargets, options: A
     }
   }
 
-  // Token ids: the tokenizer's (added if new), else the ids recorded in the delta.
-  const tokenIds: Record<string, number> = {};
-  for (const t of delta.tokens) {
-    if (tokenizer) tokenIds[t.token] = tokenizer.tokenId(t.token) ?? tokenizer.addTokens([t.token])[0];
-    else tokenIds[t.token] = t.id;
-  }
-
+  const tokens = installTokenRows([delta], textEncoder, tokenizer);
   const b = deltaBinding();
   const restoreTargets = layerNames.map((n) => params[n]);
   const saved = restoreTargets.map((t) => new Tensor(callSync(() => b.clone(t.handle))));
   const full = Object.keys(delta.weights);
   callSync(() => b.assign(full.map((n) => params[n].handle), full.map((n) => delta.weights[n].handle)));
   for (const [n, f] of Object.entries(delta.factors)) callSync(() => b.addProduct(params[n].handle, f.u.handle, f.v.handle));
+  return new AppliedDelta(tokens.tokenIds, restoreTargets, saved, tokens);
+}
 
-  let vocabBefore = 0;
-  let savedRows: { ids: number[]; rows: Tensor } | null = null;
-  if (textEncoder && delta.tokens.length > 0) {
-    vocabBefore = textEncoder.vocabSize;
-    const ids = delta.tokens.map((t) => tokenIds[t.token]);
-    const maxId = Math.max(...ids);
-    if (maxId >= vocabBefore) textEncoder.resizeTokenEmbeddings(maxId + 1);
-    const existing = ids.filter((i) => i < vocabBefore);
-    if (existing.length > 0) savedRows = { ids: existing, rows: textEncoder.tokenRows(existing) };
-    const rows = Tensor.fromArray(
-      new Float32Array(delta.tokens.flatMap((t) => Array.from(delta.tokenRows[t.token].toArray() as Float32Array))),
-      [ids.length, textEncoder.hiddenSize],
-    );
-    textEncoder.setTokenRows(ids, rows);
-    rows.dispose();
-  } else if (textEncoder) {
-    vocabBefore = textEncoder.vocabSize;
+/** Token rows written into a text encoder; {@link restore} puts back what was there. */
+export interface InstalledTokenRows {
+  /** Token text → id used in the models. */
+  readonly tokenIds: Record<string, number>;
+  restore(): void;
+}
+
+/**
+ * Writes the token rows of `deltas` into the text encoder (resizing its embedding when needed) and
+ * adds their tokens to the tokenizer; `restore` takes both back. Deltas must not share a token. Used by {@link applyDelta}
+ * and by generation, which installs a concept's rows only while it encodes that concept's prompts.
+ */
+export function installTokenRows(deltas: Delta[], textEncoder?: TextEncoder, tokenizer?: ClipTokenizer): InstalledTokenRows {
+  const all = deltas.flatMap((d) => d.tokens.map((t) => ({ info: t, row: d.tokenRows[t.token] })));
+  const seen = new Set<string>();
+  for (const { info } of all) {
+    if (seen.has(info.token)) throw new DeltaMismatchError(`Two deltas define the token ${info.token}; use one per call, or merge them`);
+    seen.add(info.token);
   }
-  return new AppliedDelta(tokenIds, restoreTargets, saved, textEncoder, vocabBefore, savedRows);
+  // Token ids: the tokenizer's (added if new), else the ids recorded in the delta.
+  const tokenIds: Record<string, number> = {};
+  const added: string[] = [];
+  for (const { info } of all) {
+    if (!tokenizer) {
+      tokenIds[info.token] = info.id;
+      continue;
+    }
+    const known = tokenizer.tokenId(info.token);
+    if (known === undefined) added.push(info.token);
+    tokenIds[info.token] = known ?? tokenizer.addTokens([info.token])[0];
+  }
+  const untokenize = () => {
+    if (added.length > 0) tokenizer!.removeAddedTokens(added);
+  };
+  if (!textEncoder || all.length === 0) {
+    let done = false;
+    return {
+      tokenIds,
+      restore: () => {
+        if (!done) untokenize();
+        done = true;
+      },
+    };
+  }
+  const vocabBefore = textEncoder.vocabSize;
+  const ids = all.map(({ info }) => tokenIds[info.token]);
+  const maxId = Math.max(...ids);
+  if (maxId >= vocabBefore) textEncoder.resizeTokenEmbeddings(maxId + 1);
+  const existing = ids.filter((i) => i < vocabBefore);
+  const savedRows = existing.length > 0 ? { ids: existing, rows: textEncoder.tokenRows(existing) } : null;
+  const rows = Tensor.fromArray(
+    new Float32Array(all.flatMap(({ row }) => Array.from(row.toArray() as Float32Array))),
+    [ids.length, textEncoder.hiddenSize],
+  );
+  textEncoder.setTokenRows(ids, rows);
+  rows.dispose();
+  let restored = false;
+  return {
+    tokenIds,
+    restore: () => {
+      if (restored) return;
+      restored = true;
+      if (savedRows) textEncoder.setTokenRows(savedRows.ids, savedRows.rows);
+      if (textEncoder.vocabSize !== vocabBefore) textEncoder.resizeTokenEmbeddings(vocabBefore);
+      savedRows?.rows.dispose();
+      untokenize();
+    },
+  };
 }

@@ -609,6 +609,21 @@ export class ClipTokenizer {
     return this.addAddedTokens(specs);
   }
 
+  /**
+   * Takes back tokens added with {@link addTokens} (tokens of the vocabulary files and special tokens
+   * stay), so the tokenizer splits their text as it did before. Unknown tokens are ignored.
+   */
+  removeAddedTokens(tokens: string[]): void {
+    for (const content of tokens) {
+      const id = this.addedByContent.get(content);
+      if (id === undefined || this.vocab.has(content) || this.specialContents.has(content)) continue;
+      this.addedByContent.delete(content);
+      this.addedById.delete(id);
+      this.addedNormalized.delete(id);
+    }
+    this.refreshMatchers();
+  }
+
   /** tokenizers' `AddedVocabulary::add_tokens`. */
   private addAddedTokens(tokens: AddedToken[]): number[] {
     let maxAdded = -1;

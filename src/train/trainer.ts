@@ -26,7 +26,7 @@ import { EventEmitter } from 'events';
 import * as os from 'os';
 import * as path from 'path';
 import { AbortError, InvalidArgumentError, TrainingError } from '../errors';
-import { callAsync, callSync, nativeAs, type DeviceName, type NativeGenerator, type NativeTensor } from '../native';
+import { callAsync, callSync, modelHandle, nativeAs, type DeviceName, type NativeGenerator, type NativeTensor } from '../native';
 import { Generator } from '../core/generator';
 import { setNumThreads, getNumThreads } from '../core/runtime';
 import { Tensor } from '../core/tensor';
@@ -161,13 +161,6 @@ interface TrainerBinding {
 
 function binding(): TrainerBinding['trainer'] {
   return nativeAs<TrainerBinding>().trainer;
-}
-
-/** The native handle of a loaded model (the model classes keep it private to the library). */
-function modelHandle(model: object, what: string): unknown {
-  const h = (model as { handle?: unknown }).handle;
-  if (h === undefined || h === null) throw new InvalidArgumentError(`${what} is not a loaded model`);
-  return h;
 }
 
 /**
