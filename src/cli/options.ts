@@ -96,7 +96,7 @@ const DEVICE_GROUP = 'Device:';
 
 /** Adds `--config`, `--json`, `-q/--quiet`, `-v/--verbose` (call after the command's own options). */
 export function addCommonOptions(cmd: Command): Command {
-  cmd.addOption(new Option('--config <file>', 'read options from a JSON file (keys as the long options: "max-train-steps" or "maxTrainSteps"); the command line wins').helpGroup(OUTPUT_GROUP));
+  cmd.addOption(new Option('--config <file>', 'read options from a JSON file (keys as the long options: "max-train-steps" or "maxTrainSteps"; paths relative to the current folder); the command line wins').helpGroup(OUTPUT_GROUP));
   cmd.addOption(new Option('--json', 'print one JSON event per line on stdout (progress, warnings, the result)').helpGroup(OUTPUT_GROUP));
   cmd.addOption(new Option('-q, --quiet', 'no progress or notes (warnings, errors and the result are still printed)').helpGroup(OUTPUT_GROUP).conflicts('verbose'));
   cmd.addOption(new Option('-v, --verbose', 'more detail: every training step, resolved options, stack traces').helpGroup(OUTPUT_GROUP));

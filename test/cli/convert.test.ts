@@ -4,7 +4,8 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import { loadSafetensors, readSafetensorsHeader, type Tensor } from '../../src';
+import { loadSafetensors, readSafetensorsHeader } from '../../src/core/safetensors';
+import type { Tensor } from '../../src/core/tensor';
 import { tempDir } from '../helpers/env';
 import { cli, events, FAST, MODEL, mtime, writeImageFolders } from './util';
 

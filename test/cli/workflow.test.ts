@@ -5,7 +5,7 @@
  */
 import * as fs from 'fs';
 import * as path from 'path';
-import { readSafetensorsHeader } from '../../src';
+import { readSafetensorsHeader } from '../../src/core/safetensors';
 import { tempDir } from '../helpers/env';
 import { cli, cliAsync, events, FAST, MODEL, mtime, writeImageFolders } from './util';
 
@@ -28,6 +28,19 @@ const single = () => [
   '--class-dir', dirs.cls,
   '--class-prompt', 'photo of a man',
 ];
+
+describe('customdiff --help', () => {
+  it('lists every command, and each command has --help with examples', () => {
+    const top = cli(['--help'], cwd);
+    expect(top.code).toBe(0);
+    for (const c of ['train', 'retrieve', 'compose', 'compress', 'convert', 'inspect', 'doctor']) {
+      expect(top.stdout).toMatch(new RegExp(`^  ${c} `, 'm'));
+      const r = cli([c, '--help'], cwd);
+      expect({ c, code: r.code }).toEqual({ c, code: 0 });
+      expect(r.stdout).toMatch(/\nExamples:\n(  #.*\n)*  \$ customdiff /);
+    }
+  });
+});
 
 describe('customdiff train', () => {
   it('trains one concept with --json: start, steps, checkpoints, result; files written', () => {
