@@ -30,3 +30,9 @@ export {
   type GridOptions,
 } from './images';
 export { JobQueue } from './queue';
+export {
+  generateClassImages,
+  type ClassImagesOptions,
+  type ClassImagesProgress,
+  type ClassImagesResult,
+} from './class-images';
