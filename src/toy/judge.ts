@@ -48,6 +48,11 @@ import {
   type ToySize,
 } from './world';
 
+// Math's functions as module constants: hot loops here call them millions of times, and a global
+// lookup of `Math` is slow inside a vm context such as jest's test environment.
+const { PI, abs, atan2, ceil, exp, floor, hypot, max, min, round, sqrt } = Math;
+const SQRT3 = sqrt(3);
+
 /** Tuning of the judge; the defaults are what the tests measure. */
 export interface JudgeOptions {
   /** RGB distance from the background above which a pixel is foreground (default 60). */
@@ -159,7 +164,7 @@ function checkImage(img: RgbImage): void {
   }
 }
 
-const dist = (a: Rgb, r: number, g: number, b: number): number => Math.hypot(a[0] - r, a[1] - g, a[2] - b);
+const dist = (a: Rgb, r: number, g: number, b: number): number => hypot(a[0] - r, a[1] - g, a[2] - b);
 
 /** Names a colour: the nearest palette entry, with the 1 − d₁/d₂ confidence. */
 export function nameColour(rgb: Rgb): ColourVerdict {
@@ -185,7 +190,7 @@ function segmentFit(a: Rgb, b: Rgb, r: number, g: number, bl: number): { d: numb
   const len2 = d0 * d0 + d1 * d1 + d2 * d2 || 1;
   let t = ((r - a[0]) * d0 + (g - a[1]) * d1 + (bl - a[2]) * d2) / len2;
   t = t < 0 ? 0 : t > 1 ? 1 : t;
-  return { d: Math.hypot(r - a[0] - t * d0, g - a[1] - t * d1, bl - a[2] - t * d2), t };
+  return { d: hypot(r - a[0] - t * d0, g - a[1] - t * d1, bl - a[2] - t * d2), t };
 }
 
 /**
@@ -233,8 +238,8 @@ function medianRgb(data: Uint8Array, pixels: ArrayLike<number>): Rgb {
 
 /** Pixel-scale factors of an image relative to the 32×32 world. */
 function scales(img: RgbImage): { unit: number; border: number } {
-  const side = Math.sqrt(img.width * img.height);
-  return { unit: side / TOY_WORLD_SIZE, border: Math.max(1, Math.round(Math.min(img.width, img.height) / TOY_WORLD_SIZE)) };
+  const side = sqrt(img.width * img.height);
+  return { unit: side / TOY_WORLD_SIZE, border: max(1, round(min(img.width, img.height) / TOY_WORLD_SIZE)) };
 }
 
 interface Foreground {
@@ -316,7 +321,7 @@ function findForeground(img: RgbImage, threshold: number): Foreground {
 
 /** The groups of at least 3 pixels per 32×32 (smaller ones are noise specks), largest first. */
 function withoutSpecks(groups: number[][], unit: number): number[][] {
-  const minPixels = Math.max(3, Math.round(3 * unit * unit));
+  const minPixels = max(3, round(3 * unit * unit));
   return groups.filter((g) => g.length >= minPixels);
 }
 
@@ -336,7 +341,7 @@ function moments(alpha: Float64Array, pixels: number[], w: number): { area: numb
   for (const p of pixels) {
     const a = alpha[p];
     const x = (p % w) + 0.5;
-    const y = Math.floor(p / w) + 0.5;
+    const y = floor(p / w) + 0.5;
     area += a;
     sx += a * x;
     sy += a * y;
@@ -353,12 +358,12 @@ function moments(alpha: Float64Array, pixels: number[], w: number): { area: numb
 function fitShape(shape: ToyShape, m: ReturnType<typeof moments>): Fit {
   switch (shape) {
     case 'circle':
-      return { shape, cx: m.mx, cy: m.my, extent: 2 * Math.sqrt(m.area / Math.PI) };
+      return { shape, cx: m.mx, cy: m.my, extent: 2 * sqrt(m.area / PI) };
     case 'square':
-      return { shape, cx: m.mx, cy: m.my, extent: Math.sqrt(m.area) };
+      return { shape, cx: m.mx, cy: m.my, extent: sqrt(m.area) };
     case 'triangle': {
-      const base = Math.sqrt((4 * m.area) / Math.sqrt(3));
-      const height = (base * Math.sqrt(3)) / 2;
+      const base = sqrt((4 * m.area) / SQRT3);
+      const height = (base * SQRT3) / 2;
       const top = m.my - (2 * height) / 3;
       return { shape, cx: m.mx, cy: top + height / 2, extent: base };
     }
@@ -367,10 +372,10 @@ function fitShape(shape: ToyShape, m: ReturnType<typeof moments>): Fit {
 
 /** A Gaussian kernel of standard deviation `sigma` (pixels), normalised, radius ⌈3σ⌉. */
 function gaussianKernel(sigma: number): Float64Array {
-  const radius = Math.max(1, Math.ceil(3 * sigma));
+  const radius = max(1, ceil(3 * sigma));
   const k = new Float64Array(2 * radius + 1);
   let sum = 0;
-  for (let i = -radius; i <= radius; i++) sum += k[i + radius] = Math.exp(-(i * i) / (2 * sigma * sigma));
+  for (let i = -radius; i <= radius; i++) sum += k[i + radius] = exp(-(i * i) / (2 * sigma * sigma));
   for (let i = 0; i < k.length; i++) k[i] /= sum;
   return k;
 }
@@ -383,7 +388,7 @@ function blurMap(map: Float64Array, cols: number, rows: number, sigma: number): 
   for (let y = 0; y < rows; y++) {
     for (let x = 0; x < cols; x++) {
       let acc = 0;
-      for (let i = Math.max(-r, -x); i <= Math.min(r, cols - 1 - x); i++) acc += k[i + r] * map[y * cols + x + i];
+      for (let i = max(-r, -x); i <= min(r, cols - 1 - x); i++) acc += k[i + r] * map[y * cols + x + i];
       tmp[y * cols + x] = acc;
     }
   }
@@ -391,7 +396,7 @@ function blurMap(map: Float64Array, cols: number, rows: number, sigma: number): 
   for (let y = 0; y < rows; y++) {
     for (let x = 0; x < cols; x++) {
       let acc = 0;
-      for (let i = Math.max(-r, -y); i <= Math.min(r, rows - 1 - y); i++) acc += k[i + r] * tmp[(y + i) * cols + x];
+      for (let i = max(-r, -y); i <= min(r, rows - 1 - y); i++) acc += k[i + r] * tmp[(y + i) * cols + x];
       out[y * cols + x] = acc;
     }
   }
@@ -412,12 +417,12 @@ function softIoU(
   box: [number, number, number, number],
   sigmas: readonly number[],
 ): { iou: number; sigma: number } {
-  const pad = Math.ceil(3 * Math.max(0, ...sigmas)) + 1;
+  const pad = ceil(3 * max(0, ...sigmas)) + 1;
   const half = fit.extent / 2;
-  const x0 = Math.max(0, Math.min(box[0], Math.floor(fit.cx - half) - pad));
-  const y0 = Math.max(0, Math.min(box[1], Math.floor(fit.cy - half) - pad));
-  const x1 = Math.min(w - 1, Math.max(box[2], Math.ceil(fit.cx + half) + pad));
-  const y1 = Math.min(h - 1, Math.max(box[3], Math.ceil(fit.cy + half) + pad));
+  const x0 = max(0, min(box[0], floor(fit.cx - half) - pad));
+  const y0 = max(0, min(box[1], floor(fit.cy - half) - pad));
+  const x1 = min(w - 1, max(box[2], ceil(fit.cx + half) + pad));
+  const y1 = min(h - 1, max(box[3], ceil(fit.cy + half) + pad));
   const cols = x1 - x0 + 1;
   const rows = y1 - y0 + 1;
   const S = 4;
@@ -443,8 +448,8 @@ function softIoU(
       for (let x = x0; x <= x1; x++) {
         const a = alpha[y * w + x];
         const v = t[(y - y0) * cols + (x - x0)];
-        inter += Math.min(a, v);
-        union += Math.max(a, v);
+        inter += min(a, v);
+        union += max(a, v);
       }
     }
     const iou = union > 0 ? inter / union : 0;
@@ -464,8 +469,8 @@ function dilate(group: number[], w: number, h: number, radius: number): { pixels
   for (const p of group) {
     const px = p % w;
     const py = (p - px) / w;
-    for (let y = Math.max(0, py - radius); y <= Math.min(h - 1, py + radius); y++) {
-      for (let x = Math.max(0, px - radius); x <= Math.min(w - 1, px + radius); x++) {
+    for (let y = max(0, py - radius); y <= min(h - 1, py + radius); y++) {
+      for (let x = max(0, px - radius); x <= min(w - 1, px + radius); x++) {
         const q = y * w + x;
         if (!seen[q]) {
           seen[q] = 1;
@@ -535,12 +540,12 @@ export function judgeToyImage(img: RgbImage, options: JudgeOptions = {}): ToyJud
   // by less than 85% of the named colour's distance (a small blurred object never reaches it all).
   const target = TOY_PALETTE[colour.name];
   const dir = [target[0] - bg[0], target[1] - bg[1], target[2] - bg[2]];
-  const len = Math.hypot(dir[0], dir[1], dir[2]) || 1;
+  const len = hypot(dir[0], dir[1], dir[2]) || 1;
   const project = (p: number): number =>
     ((data[p * 3] - bg[0]) * dir[0] + (data[p * 3 + 1] - bg[1]) * dir[1] + (data[p * 3 + 2] - bg[2]) * dir[2]) / len;
-  const reach = main.map(project).sort((a, b) => a - b)[Math.min(main.length - 1, Math.floor(0.95 * main.length))];
-  const scale = Math.max(reach, 0.85 * len);
-  const { pixels, box } = dilate(main, w, h, Math.max(1, Math.round(2 * unit)));
+  const reach = main.map(project).sort((a, b) => a - b)[min(main.length - 1, floor(0.95 * main.length))];
+  const scale = max(reach, 0.85 * len);
+  const { pixels, box } = dilate(main, w, h, max(1, round(2 * unit)));
   const alpha = new Float64Array(w * h);
   for (const p of pixels) {
     // Pixels of another foreground group next to the object are not part of it.
@@ -558,7 +563,7 @@ export function judgeToyImage(img: RgbImage, options: JudgeOptions = {}): ToyJud
     iou: scores[best],
     margin,
     strict: scores[best] >= o.strictIoU && margin >= o.strictMargin && mainComponentShare >= o.strictSingle,
-    confidence: Math.min(1, margin / 0.1),
+    confidence: min(1, margin / 0.1),
     scores,
     blur: blur[best] / unit,
   };
@@ -566,7 +571,7 @@ export function judgeToyImage(img: RgbImage, options: JudgeOptions = {}): ToyJud
   const size: SizeVerdict = {
     name: extent < TOY_SIZE_THRESHOLD ? 'small' : 'large',
     extent,
-    confidence: Math.min(1, Math.abs(extent - TOY_SIZE_THRESHOLD) / 2.5),
+    confidence: min(1, abs(extent - TOY_SIZE_THRESHOLD) / 2.5),
   };
   return { ...base, colour, shape, size, mainComponentShare };
 }
@@ -664,7 +669,7 @@ function centroid(points: Weighted[], w: number): [number, number] {
   let sw = 0;
   for (const { p, w: k } of points) {
     sx += k * ((p % w) + 0.5);
-    sy += k * (Math.floor(p / w) + 0.5);
+    sy += k * (floor(p / w) + 0.5);
     sw += k;
   }
   return sw > 0 ? [sx / sw, sy / sw] : [NaN, NaN];
@@ -674,7 +679,7 @@ function meanRadius(points: Weighted[], w: number, c: [number, number]): number 
   let s = 0;
   let sw = 0;
   for (const { p, w: k } of points) {
-    s += k * Math.hypot((p % w) + 0.5 - c[0], Math.floor(p / w) + 0.5 - c[1]);
+    s += k * hypot((p % w) + 0.5 - c[0], floor(p / w) + 0.5 - c[1]);
     sw += k;
   }
   return sw > 0 ? s / sw : NaN;
@@ -761,13 +766,13 @@ export function detectEmblem(
     for (const { p, w: weight } of outer) {
       if (weight < 0.3) continue;
       const dx = (p % w) + 0.5 - cO[0];
-      const dy = Math.floor(p / w) + 0.5 - cO[1];
-      if (Math.hypot(dx, dy) > 0.5 * rO) sectors.add(Math.floor(((Math.atan2(dy, dx) + Math.PI) / (2 * Math.PI)) * 12) % 12);
+      const dy = floor(p / w) + 0.5 - cO[1];
+      if (hypot(dx, dy) > 0.5 * rO) sectors.add(floor(((atan2(dy, dx) + PI) / (2 * PI)) * 12) % 12);
     }
     Object.assign(measures, {
       ringRadius: rO,
       centreRadiusRatio: rI / rO,
-      centreOffset: Math.hypot(cI[0] - cO[0], cI[1] - cO[1]) / rO,
+      centreOffset: hypot(cI[0] - cO[0], cI[1] - cO[1]) / rO,
       ringSectors: sectors.size,
     });
     checks.ringShare = measures.outerShare >= 0.45 && measures.outerShare <= 0.92;
@@ -777,7 +782,7 @@ export function detectEmblem(
     checks.ringClosed = sectors.size >= 10;
   } else {
     const main = objects[0] ?? [];
-    const R = Math.sqrt(main.length / Math.PI);
+    const R = sqrt(main.length / PI);
     const alpha = new Float64Array(w * h);
     for (const p of main) alpha[p] = 1;
     const { pixels, box } = dilate(main, w, h, 1);
@@ -785,7 +790,7 @@ export function detectEmblem(
     Object.assign(measures, {
       radius: R,
       horizontalOffset: R > 0 ? (cI[0] - cO[0]) / R : 0,
-      verticalOffset: R > 0 ? Math.abs(cI[1] - cO[1]) / R : 0,
+      verticalOffset: R > 0 ? abs(cI[1] - cO[1]) / R : 0,
       roundness,
       mainComponentShare: objectPixels ? main.length / objectPixels : 0,
     });

@@ -26,6 +26,11 @@ import { InvalidArgumentError } from '../errors';
 import type { RgbImage } from '../train/images';
 import { Rng } from '../train/rng';
 
+// Math's functions as module constants: hot loops here call them millions of times, and a global
+// lookup of `Math` is slow inside a vm context such as jest's test environment.
+const { PI, abs, ceil, cos, exp, log, max, min, round, sin, sqrt } = Math;
+const SQRT3 = sqrt(3);
+
 /** Width and height of the world's canvas, in world units (and pixels at the default resolution). */
 export const TOY_WORLD_SIZE = 32;
 
@@ -201,7 +206,7 @@ function checkAttributes(a: ToyAttributes): void {
 }
 
 /** Rounds to 1/100 of a world unit, so specs print and serialise cleanly. */
-const round2 = (x: number): number => Math.round(x * 100) / 100;
+const round2 = (x: number): number => round(x * 100) / 100;
 
 /**
  * Completes attributes with a random geometry: an extent drawn uniformly from the size's range
@@ -213,7 +218,7 @@ export function placeToy(attrs: ToyAttributes, rng: Rng): ToySpec {
   const [lo, hi] = TOY_EXTENTS[attrs.size];
   const extent = round2(lo + (hi - lo) * rng.nextFloat());
   const half = extent / 2;
-  const h = attrs.shape === 'triangle' ? (extent * Math.sqrt(3)) / 4 : half; // half of the bbox height
+  const h = attrs.shape === 'triangle' ? (extent * SQRT3) / 4 : half; // half of the bbox height
   const cx = round2(TOY_MARGIN + half + (TOY_WORLD_SIZE - 2 * TOY_MARGIN - extent) * rng.nextFloat());
   const cy = round2(TOY_MARGIN + h + (TOY_WORLD_SIZE - 2 * TOY_MARGIN - 2 * h) * rng.nextFloat());
   return { shape: attrs.shape, colour: attrs.colour, background: attrs.background, size: attrs.size, cx, cy, extent };
@@ -277,9 +282,9 @@ function paint(resolution: number, background: Rgb, painter: Painter): RgbImage 
         }
       }
       const o = (py * resolution + px) * 3;
-      data[o] = Math.round(r / n);
-      data[o + 1] = Math.round(g / n);
-      data[o + 2] = Math.round(b / n);
+      data[o] = round(r / n);
+      data[o + 1] = round(g / n);
+      data[o + 2] = round(b / n);
     }
   }
   return { width: resolution, height: resolution, data };
@@ -299,12 +304,12 @@ export function insideToyShape(shape: ToyShape, x: number, y: number, cx: number
       return dx * dx + dy * dy <= half * half;
     }
     case 'square':
-      return Math.abs(x - cx) <= half && Math.abs(y - cy) <= half;
+      return abs(x - cx) <= half && abs(y - cy) <= half;
     case 'triangle': {
-      const height = (extent * Math.sqrt(3)) / 2;
+      const height = (extent * SQRT3) / 2;
       const top = cy - height / 2;
       const t = (y - top) / height; // 0 at the apex, 1 at the base
-      return t >= 0 && t <= 1 && Math.abs(x - cx) <= t * half;
+      return t >= 0 && t <= 1 && abs(x - cx) <= t * half;
     }
   }
 }
@@ -448,9 +453,9 @@ function emblemDefinition(emblem: string): ToyEmblemDefinition {
 function starPolygon(cx: number, cy: number, outer: number, inner: number): number[] {
   const v: number[] = [];
   for (let k = 0; k < 10; k++) {
-    const a = -Math.PI / 2 + (k * Math.PI) / 5;
+    const a = -PI / 2 + (k * PI) / 5;
     const r = k % 2 === 0 ? outer : inner;
-    v.push(cx + r * Math.cos(a), cy + r * Math.sin(a));
+    v.push(cx + r * cos(a), cy + r * sin(a));
   }
   return v;
 }
@@ -596,11 +601,11 @@ export function degradeImage(img: RgbImage, options: DegradeOptions = {}): RgbIm
   if (!(sigma >= 0) || !(noise >= 0)) throw new InvalidArgumentError('Blur and noise sigmas must be non-negative');
   let f = Float64Array.from(img.data);
   if (sigma > 0) {
-    const radius = Math.max(1, Math.ceil(3 * sigma));
+    const radius = max(1, ceil(3 * sigma));
     const k: number[] = [];
     let sum = 0;
     for (let i = -radius; i <= radius; i++) {
-      const v = Math.exp(-(i * i) / (2 * sigma * sigma));
+      const v = exp(-(i * i) / (2 * sigma * sigma));
       k.push(v);
       sum += v;
     }
@@ -634,12 +639,12 @@ export function degradeImage(img: RgbImage, options: DegradeOptions = {}): RgbIm
       // Box-Muller: two normals from two uniforms (1 − u keeps the logarithm finite).
       const u1 = 1 - rng.nextFloat();
       const u2 = rng.nextFloat();
-      const m = Math.sqrt(-2 * Math.log(u1));
-      f[i] += noise * m * Math.cos(2 * Math.PI * u2);
-      if (i + 1 < f.length) f[i + 1] += noise * m * Math.sin(2 * Math.PI * u2);
+      const m = sqrt(-2 * log(u1));
+      f[i] += noise * m * cos(2 * PI * u2);
+      if (i + 1 < f.length) f[i + 1] += noise * m * sin(2 * PI * u2);
     }
   }
   const data = Buffer.alloc(f.length);
-  for (let i = 0; i < f.length; i++) data[i] = Math.min(255, Math.max(0, Math.round(f[i])));
+  for (let i = 0; i < f.length; i++) data[i] = min(255, max(0, round(f[i])));
   return { width: w, height: h, data };
 }
