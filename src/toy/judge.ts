@@ -14,10 +14,13 @@
  *    change the name (a plain nearest-colour of the mean would).
  * 3. **Coverage**: each pixel near the object gets a soft coverage α ∈ [0, 1], its position on the
  *    line from the background colour to the object colour. Summing α measures area to a fraction of
- *    a pixel, even on blurred edges.
+ *    a pixel, even on blurred edges. A small dead zone at both ends (α < 0.15 → 0, > 0.85 → 1, the
+ *    rest stretched) keeps pixel noise in flat areas out; templates get the same treatment.
  * 4. **Shape**: the ideal circle, square and upright equilateral triangle of the same area and
- *    centroid (the world's shapes, so the fit is exact on its pictures and unmoved by blur), drawn
- *    with 4×4 supersampling, and compared with α by soft IoU (Σ min / Σ max). The best wins. Fill
+ *    centroid (the world's shapes; area and centroid are unchanged by blur), drawn with 4×4
+ *    supersampling, also blurred by a few Gaussian σ (`blurLevels`, so a soft picture is compared
+ *    with equally soft templates), and compared with α by soft IoU (Σ min / Σ max), the best σ per
+ *    shape. The best shape wins. Fill
  *    ratio alone is weak (a round blob passes as a circle), so a **strict** verdict also asks for a
  *    good fit (IoU ≥ `strictIoU`), a clear winner (margin ≥ `strictMargin`) and a single object
  *    (the largest group holds ≥ `strictSingle` of the foreground).
