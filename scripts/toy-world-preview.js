@@ -44,12 +44,16 @@ function loadToy() {
     console.error('lib/toy is not built: run `npm run build:ts` first.');
     process.exit(1);
   }
-  return { toy: require(lib), images: require(path.join(__dirname, '..', 'lib', 'train', 'images.js')) };
+  return {
+    toy: require(lib),
+    images: require(path.join(__dirname, '..', 'lib', 'train', 'images.js')),
+    Rng: require(path.join(__dirname, '..', 'lib', 'train', 'rng.js')).Rng,
+  };
 }
 
 async function main() {
   const o = parseArgs(process.argv.slice(2));
-  const { toy, images } = loadToy();
+  const { toy, images, Rng } = loadToy();
   const sharp = images.loadSharp();
   const R = o.resolution;
   const tiles = [];
@@ -66,7 +70,6 @@ async function main() {
   }
   // 2. one picture of each held-out combination (never in pretraining)
   toy.TOY_HELD_OUT.forEach(([shape, colour, background], k) => {
-    const { Rng } = require(path.join(__dirname, '..', 'lib', 'train', 'rng.js'));
     const spec = toy.placeToy({ shape, colour, background, size: k % 2 ? 'small' : 'large' }, Rng.fromSeed(o.seed, 1000 + k));
     const img = degrade(toy.renderToy(spec, { resolution: R }), tiles.length);
     const sc = toy.scoreToyImage(img, spec);
