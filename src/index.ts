@@ -105,3 +105,4 @@ export {
   type LoraLayerInfo,
 } from './delta';
 export * from './sample';
+export * from './toy';
