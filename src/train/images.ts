@@ -28,6 +28,8 @@
  * @packageDocumentation
  */
 import * as fs from 'fs';
+import * as path from 'path';
+import { Worker } from 'worker_threads';
 import type sharpModule from 'sharp';
 import { DataError, InvalidArgumentError } from '../errors';
 
@@ -449,7 +451,11 @@ export async function resizeRgb(
     throw new InvalidArgumentError(`Invalid resize target ${width}×${height}`);
   }
   if (filter !== 'bicubic' && filter !== 'bilinear') throw new InvalidArgumentError(`Unknown resampling filter ${String(filter)}`);
-  if (engine === 'pil') return resizePil(img, width, height, filter);
+  if (engine === 'pil') {
+    // Small images cost less than a message round trip; large ones go to the worker thread.
+    if (img.width * img.height < OFF_THREAD_PIXELS) return resizePil(img, width, height, filter);
+    return resizeOffThread(img, width, height, filter);
+  }
   if (engine !== 'sharp') throw new InvalidArgumentError(`Unknown resize engine ${String(engine)}`);
   if (width === img.width && height === img.height) return { width, height, data: img.data.slice() };
   const data = await loadSharp()(img.data, { raw: { width: img.width, height: img.height, channels: 3 } })
@@ -457,6 +463,56 @@ export async function resizeRgb(
     .raw()
     .toBuffer();
   return { width, height, data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+}
+
+/** Images with at least this many pixels are resized on the worker thread. */
+const OFF_THREAD_PIXELS = 256 * 256;
+
+interface ResizeReply {
+  id: number;
+  data?: Uint8Array;
+  error?: string;
+}
+
+let resizeWorker: { worker: Worker; pending: Map<number, (r: ResizeReply) => void>; next: number } | null | undefined;
+
+/**
+ * The resize worker, started on first use and unref'd while idle (it never keeps the process alive).
+ * Under ts-jest this file is TypeScript; the worker then runs the compiled lib/ copy.
+ */
+function getResizeWorker(): typeof resizeWorker {
+  if (resizeWorker !== undefined) return resizeWorker;
+  const compiled = __filename.endsWith('.ts') ? path.resolve(__dirname, '..', '..', 'lib', 'train', 'resize-worker.js') : path.join(__dirname, 'resize-worker.js');
+  if (!fs.existsSync(compiled)) return (resizeWorker = null);
+  const worker = new Worker(compiled);
+  const state = { worker, pending: new Map<number, (r: ResizeReply) => void>(), next: 0 };
+  worker.on('message', (r: ResizeReply) => {
+    const done = state.pending.get(r.id);
+    state.pending.delete(r.id);
+    if (state.pending.size === 0) worker.unref();
+    done?.(r);
+  });
+  worker.on('error', (e) => {
+    for (const done of state.pending.values()) done({ id: -1, error: `the resize worker failed: ${e.message}` });
+    state.pending.clear();
+    resizeWorker = undefined;
+  });
+  worker.unref();
+  return (resizeWorker = state);
+}
+
+async function resizeOffThread(img: RgbImage, width: number, height: number, filter: ResampleFilter): Promise<RgbImage> {
+  const w = getResizeWorker();
+  if (!w) return resizePil(img, width, height, filter);
+  const id = w.next++;
+  const reply = await new Promise<ResizeReply>((resolve) => {
+    w.pending.set(id, resolve);
+    w.worker.ref();
+    // A copy goes over: the caller keeps its image.
+    w.worker.postMessage({ id, width: img.width, height: img.height, data: img.data, targetWidth: width, targetHeight: height, filter });
+  });
+  if (reply.error !== undefined) throw new InvalidArgumentError(`Resize failed: ${reply.error}`);
+  return { width, height, data: new Uint8Array(reply.data!.buffer, reply.data!.byteOffset, reply.data!.byteLength) };
 }
 
 /** {@link resizeRgb} with the PIL engine, synchronously. */

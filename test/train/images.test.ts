@@ -237,6 +237,24 @@ describe('train/images', () => {
       },
     );
 
+    it('resizes large images on a worker thread: same bytes, and the event loop keeps turning', async () => {
+      const w = 700;
+      const h = 500;
+      const data = new Uint8Array(w * h * 3);
+      for (let i = 0; i < data.length; i++) data[i] = (i * 2654435761) >>> 24;
+      const img: RgbImage = { width: w, height: h, data };
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 1);
+      const started = Date.now();
+      const out = await resizeRgb(img, 300, 200, 'bicubic');
+      const ms = Date.now() - started;
+      clearInterval(timer);
+      expect(Buffer.compare(Buffer.from(out.data), Buffer.from(resizeRgbSync(img, 300, 200, 'bicubic').data))).toBe(0);
+      // On the JS thread not one timer could fire while the resize ran.
+      expect(ticks).toBeGreaterThan(Math.min(3, ms / 20));
+      expect(img.data.length).toBe(w * h * 3); // the caller's image is untouched
+    });
+
     it('is mirror-symmetric (flip then resize = resize then flip), which the class cache relies on', () => {
       const rng = Rng.fromSeed(5);
       for (let t = 0; t < 20; t++) {
