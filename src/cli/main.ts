@@ -1,12 +1,14 @@
 import { Command, CommanderError } from 'commander';
 import { AbortError, CustomDiffusionError, DeviceUnavailableError, InvalidArgumentError, NativeLoadError, OutOfMemoryError } from '../errors';
 import { EXIT_INTERRUPTED } from './action';
+import { classImagesCommand } from './class-images';
 import { composeCommand } from './compose';
 import { compressCommand } from './compress';
 import { convertCommand } from './convert';
 import { doctorCommand } from './doctor';
 import { inspectCommand } from './inspect';
 import { retrieveCommand } from './retrieve';
+import { sampleCommand } from './sample';
 import { trainCommand } from './train';
 
 /** Exit codes: 0 success, 1 runtime failure, 2 usage error, 130 interrupted (Ctrl-C). */
@@ -16,7 +18,17 @@ export const EXIT_USAGE = 2;
 export { EXIT_INTERRUPTED };
 
 /** The commands, in the order --help lists them. A new command is one line here. */
-export const COMMANDS: (() => Command)[] = [trainCommand, retrieveCommand, composeCommand, compressCommand, convertCommand, inspectCommand, doctorCommand];
+export const COMMANDS: (() => Command)[] = [
+  trainCommand,
+  sampleCommand,
+  classImagesCommand,
+  retrieveCommand,
+  composeCommand,
+  compressCommand,
+  convertCommand,
+  inspectCommand,
+  doctorCommand,
+];
 
 export function buildProgram(): Command {
   const program = new Command('customdiff')
