@@ -11,7 +11,7 @@ import type { StableDiffusion } from '../model/pipeline';
 import { generateClassImages, type ClassImagesResult } from '../sample/class-images';
 import type { SchedulerKind } from '../model/scheduler';
 import { defineAction } from './action';
-import { addSamplingOptions, checkModelFolder, generationDtype, loadPipeline, type SamplingOptions } from './generation';
+import { addSamplingOptions, checkModelFolder, classImageSize, generationDtype, loadPipeline, type SamplingOptions } from './generation';
 import { addCommonOptions, addDeviceOptions, addExamples, addOverwriteOption, intArg, usageError, type DeviceOptions, type OverwriteOptions } from './options';
 import type { Reporter } from './output';
 
@@ -72,6 +72,7 @@ export interface ClassImagesRun {
 /** Generates (or completes) a class-images folder with a progress display; shared with `train`. */
 export async function runClassImages(r: ClassImagesRun): Promise<ClassImagesResult> {
   let bar: ReturnType<Reporter['progress']> | undefined;
+  const size = classImageSize(r.model, r.width, r.height);
   try {
     return await generateClassImages({
       model: r.model,
@@ -83,8 +84,8 @@ export async function runClassImages(r: ClassImagesRun): Promise<ClassImagesResu
       guidanceScale: r.guidance,
       scheduler: r.scheduler,
       negativePrompt: r.negativePrompt,
-      width: r.width,
-      height: r.height,
+      width: size.width,
+      height: size.height,
       seed: r.seed,
       signal: r.signal,
       onProgress: (p) => {
@@ -110,6 +111,7 @@ export function classImagesCommand(): Command {
   cmd.option('--class-prompt <text>', 'the class, e.g. "cat" or "photo of a cat"');
   cmd.option('-n, --num-images <n>', 'images wanted in the folder (default 200, as the paper)', intArg(1, 1_000_000));
   cmd.option('-o, --output-dir <dir>', 'where to write images/, images.txt and caption.txt');
+  // (--width/--height default to the model's size, at least the 64 pixels training accepts.)
   addSamplingOptions(cmd, { steps: 50, guidance: 6, batchSize: 4, seed: 'image i gets seed + i (default 0); keep it when resuming' });
   addDeviceOptions(cmd, { dtypes: ['float32', 'float16', 'bfloat16'], dtypeHelp: 'model dtype (default float16 on CUDA, float32 on the CPU)' });
   addOverwriteOption(cmd);

@@ -9,6 +9,7 @@ import * as path from 'path';
 import { SCHEDULER_CLASSES, type SchedulerKind } from '../model/scheduler';
 import { StableDiffusion } from '../model/pipeline';
 import type { Dtype } from '../native';
+import { DEFAULT_MIN_IMAGE_SIZE } from '../train/images';
 import { intArg, numberArg, usageError } from './options';
 
 /** The `--scheduler` names (the library's scheduler kinds). */
@@ -73,4 +74,16 @@ export function loadPipeline(dir: string, device: string, dtype: Dtype, variant?
 /** `seed 7` or `seeds 7–10`, for messages. */
 export function seedRange(first: number, count: number): string {
   return count === 1 ? `seed ${first}` : `seeds ${first}–${first + count - 1}`;
+}
+
+/**
+ * The size of generated class images: as asked, else the model's default size (diffusers'
+ * pipeline default, 512 for SD 1.x), but never smaller than training accepts (64 pixels).
+ */
+export function classImageSize(sd: StableDiffusion, width?: number, height?: number): { width: number; height: number } {
+  const factor = sd.vae.spatialFactor;
+  const s = sd.unet.config.sampleSize;
+  const [h, w] = s.length ? [s[0] * factor, s[s.length - 1] * factor] : [512, 512];
+  const atLeast = (v: number) => Math.max(v, Math.ceil(DEFAULT_MIN_IMAGE_SIZE / 8) * 8);
+  return { width: width ?? atLeast(w), height: height ?? atLeast(h) };
 }

@@ -10,8 +10,11 @@ import * as path from 'path';
 import { AbortError } from '../errors';
 import { latestCheckpoint, listCheckpoints } from '../train/checkpoint';
 import { readConceptsList, type ConceptSpec } from '../train/dataset';
+import type { StableDiffusion } from '../model/pipeline';
 import { train, type StepEvent, type TrainOptions, type TrainResult } from '../train/trainer';
 import { defineAction, type CommandContext, type Preset } from './action';
+import { classFolderState, listedImages, runClassImages } from './class-images';
+import { generationDtype, loadPipeline } from './generation';
 import {
   addCommonOptions,
   addDeviceOptions,
@@ -42,6 +45,7 @@ export interface TrainCliOptions extends OverwriteOptions, DeviceOptions {
   priorPreservation?: boolean;
   priorLossWeight?: number;
   numClassImages?: number;
+  sampleBatchSize?: number;
   resolution?: number;
   augmentStyle?: 'compvis' | 'diffusers';
   hflip?: boolean;
@@ -79,6 +83,7 @@ export interface TrainCliOptions extends OverwriteOptions, DeviceOptions {
   // Validation
   validationPrompt?: string;
   validationSteps?: number;
+  numValidationImages?: number;
 }
 
 /**
@@ -126,15 +131,19 @@ function buildCommand(): Command {
   cmd.option('--instance-dir <dir>', 'folder of 4-20 photos of the concept');
   cmd.option('--instance-prompt <text>', 'e.g. "photo of a <new1> cat"; <...> tokens in it become modifier tokens unless --modifier-token says otherwise');
   cmd.option('--instance-captions <file>', 'captions per instance image (a .json map of file names, or one line per sorted image)');
-  cmd.option('--class-dir <dir>', 'regularisation images: a folder of images (e.g. from "customdiff class-images"), or one "customdiff retrieve" wrote');
-  cmd.option('--class-prompt <text>', 'e.g. "cat": the caption of class images without their own');
+  cmd.option(
+    '--class-dir <dir>',
+    'regularisation images: a folder of images, one "customdiff retrieve" or "customdiff class-images" wrote, or a folder that does not exist yet (filled with images generated from --class-prompt)',
+  );
+  cmd.option('--class-prompt <text>', 'e.g. "cat": the caption of class images without their own; without --class-dir, --num-class-images images of it are generated into <output-dir>/class_images first');
   cmd.optionsGroup('Data (several concepts):');
   cmd.option('--concepts-list <file>', 'a JSON list of {instance_prompt, instance_data_dir, class_prompt, class_data_dir} (the original format)');
   cmd.optionsGroup('Data options:');
   cmd.option('--prior-preservation', 'train with the class images (default: when every concept has them)');
   cmd.option('--no-prior-preservation', 'ignore the class images');
   cmd.option('--prior-loss-weight <w>', 'weight of the class-image loss (default 1)', numberArg({ min: 0 }));
-  cmd.option('--num-class-images <n>', 'class images used per concept (default 200)', intArg(1));
+  cmd.option('--num-class-images <n>', 'class images used per concept, and generated where a class folder lacks them (default 200)', intArg(1));
+  cmd.option('--sample-batch-size <n>', 'images per denoising loop when generating class images (default 4)', intArg(1, 1024));
   cmd.option('--resolution <px>', 'training resolution, a multiple of 8 (default 512)', intArg(24));
   cmd.addOption(new Option('--augment-style <style>', "image pipeline of the paper's code (compvis: center crop, default) or of its diffusers scripts (diffusers: squash)").choices(['compvis', 'diffusers']));
   cmd.option('--no-hflip', 'no random horizontal flips');
@@ -175,7 +184,8 @@ function buildCommand(): Command {
 
   cmd.optionsGroup('Validation:');
   cmd.option('--validation-prompt <text>', 'generate images of this prompt during training, e.g. "<new1> cat playing with a ball"');
-  cmd.option('--validation-steps <n>', 'every n steps', intArg(1));
+  cmd.option('--validation-steps <n>', 'every n steps (default 50); images go to <output-dir>/validation/step-<n>/', intArg(1));
+  cmd.option('--num-validation-images <n>', 'images per validation, from seeds --seed, --seed + 1, … (default 2)', intArg(1, 64));
 
   addDeviceOptions(cmd, {
     dtypes: ['float32', 'float16', 'bfloat16'],
@@ -184,6 +194,8 @@ function buildCommand(): Command {
   addOverwriteOption(cmd);
   addCommonOptions(cmd);
   addExamples(cmd, [
+    '# one concept; 200 class images of "cat" are generated into out/cat/class_images first',
+    'customdiff train -m models/sd15 --instance-dir data/cat --instance-prompt "photo of a <new1> cat" --class-prompt cat -o out/cat',
     '# one concept with real regularisation images (see "customdiff retrieve")',
     'customdiff train -m models/sd15 --instance-dir data/cat --instance-prompt "photo of a <new1> cat" \\\n      --class-dir real_reg/samples_cat --class-prompt cat -o out/cat --max-train-steps 500',
     '# a face, with the README recipe',
@@ -294,14 +306,11 @@ function checkConcepts(o: TrainCliOptions): void {
         '(or --concepts-list concepts.json for several concepts; or --resume to continue a run)',
     );
   }
-  if (o.classPrompt !== undefined && o.classDir === undefined) {
+  if (o.classDir !== undefined && o.classPrompt === undefined && !fs.existsSync(o.classDir)) {
     throw usageError(
-      '--class-prompt needs --class-dir: a folder of class images ("customdiff retrieve" downloads real ones; "customdiff class-images" generates them), ' +
-        'or drop --class-prompt to train without prior preservation',
+      `--class-dir ${o.classDir} does not exist; give --class-prompt to generate class images into it, ` +
+        'fill it with "customdiff retrieve" or "customdiff class-images", or fix the path',
     );
-  }
-  if (o.classDir !== undefined && !fs.existsSync(o.classDir)) {
-    throw usageError(`--class-dir ${o.classDir} does not exist; create it with "customdiff retrieve" or "customdiff class-images", or fix the path`);
   }
   if (!fs.existsSync(o.instanceDir)) throw usageError(`--instance-dir ${o.instanceDir} does not exist; give the folder of the concept's photos`);
 }
@@ -326,6 +335,79 @@ async function checkOutputDir(ctx: CommandContext<TrainCliOptions>, dir: string,
     }
     ctx.reporter.info(`--overwrite: removing the earlier checkpoints in ${dir}`);
     for (const c of checkpoints) fs.rmSync(c.dir, { recursive: true, force: true });
+  }
+}
+
+/** A class prompt that names a captions file (real priors in the HF-EX form), not text to draw. */
+function isCaptionsFile(classPrompt: string): boolean {
+  try {
+    return fs.statSync(classPrompt).isFile();
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Prior preservation with generated class images, as the original scripts do it: a concept with a
+ * class prompt but no class folder gets `<output-dir>/class_images`; a class folder that does not
+ * exist yet (or holds fewer images than wanted from an earlier, interrupted generation) is filled
+ * with images of the class prompt from the base model before training starts. Resumable: image i
+ * always comes from seed i.
+ */
+async function prepareClassImages(ctx: CommandContext<TrainCliOptions>, options: TrainOptions, outputDir: string, device: string): Promise<void> {
+  if (options.withPriorPreservation === false) return;
+  let concepts: ConceptSpec[];
+  if (typeof options.concepts === 'string') {
+    concepts = await readConceptsList(options.concepts);
+  } else if (Array.isArray(options.concepts)) {
+    concepts = options.concepts.map((c) =>
+      c.classPrompt !== undefined && c.classDataDir === undefined ? { ...c, classDataDir: path.join(outputDir, 'class_images') } : c,
+    );
+    options.concepts = concepts;
+  } else {
+    return;
+  }
+  const wanted = new Map<string, { prompt: string; count: number; existing: number }>();
+  for (const c of concepts) {
+    if (c.classPrompt === undefined || c.classDataDir === undefined || isCaptionsFile(c.classPrompt)) continue;
+    const dir = path.resolve(c.classDataDir);
+    const count = c.numClassImages ?? options.numClassImages ?? 200;
+    const state = classFolderState(dir);
+    // Folders of images from elsewhere (a retrieval, the user's own) are used as they are.
+    if (state !== 'absent' && state !== 'empty' && state !== 'generated') continue;
+    const existing = state === 'generated' ? listedImages(dir) : 0;
+    const prev = wanted.get(dir);
+    if (prev && prev.prompt !== c.classPrompt) {
+      throw usageError(`Two concepts generate class images into ${dir} with different class prompts ("${prev.prompt}", "${c.classPrompt}"); give each its own class_data_dir`);
+    }
+    if (existing < count || (prev && prev.count > existing)) wanted.set(dir, { prompt: c.classPrompt, count: Math.max(count, prev?.count ?? 0), existing });
+  }
+  if (wanted.size === 0) return;
+
+  const dtype = generationDtype(device, undefined);
+  const model = path.resolve(options.pretrainedModel!);
+  let sd: StableDiffusion | undefined;
+  try {
+    for (const [dir, w] of wanted) {
+      ctx.reporter.info(
+        `prior preservation: generating ${w.count - w.existing} class images of "${w.prompt}" into ${dir}` +
+          `${w.existing > 0 ? ` (${w.existing} already there)` : ''} with the base model on ${device}`,
+      );
+      sd ??= await loadPipeline(model, device, dtype, options.variant);
+      try {
+        const r = await runClassImages({ model: sd, classPrompt: w.prompt, outDir: dir, count: w.count, batchSize: ctx.opts.sampleBatchSize, signal: ctx.signal, reporter: ctx.reporter });
+        ctx.reporter.event('class-images', { dir, classPrompt: w.prompt, count: r.count, generated: r.generated, existing: r.existing });
+      } catch (e) {
+        if (e instanceof AbortError && ctx.signal.aborted) {
+          throw new AbortError(
+            `Interrupted while generating class images into ${dir}; the images made are kept. Run the same command again to continue (training has not started).`,
+          );
+        }
+        throw e;
+      }
+    }
+  } finally {
+    sd?.dispose();
   }
 }
 
@@ -388,14 +470,12 @@ export function trainCommand(): Command {
       if (resumeFrom) options.resumeFromCheckpoint = resumeFrom;
       options.signal = ctx.signal;
       if (options.validationPrompt) {
-        const sample = validationSampler({ outputDir, device, reporter: ctx.reporter, overwrite: !!o.overwrite });
-        if (sample) options.sample = sample;
-        else {
-          ctx.reporter.warn('--validation-prompt: this build cannot generate images yet; training goes on without validation images');
-          delete options.validationPrompt;
-        }
+        // diffusers' train_custom_diffusion.py validates every 50 steps unless told otherwise.
+        options.validationSteps ??= 50;
+        options.sample = validationSampler({ outputDir, reporter: ctx.reporter, numImages: o.numValidationImages });
       }
-      ctx.reporter.debug(`options: ${JSON.stringify({ ...options, signal: undefined })}`);
+      await prepareClassImages(ctx, options, outputDir, device);
+      ctx.reporter.debug(`options: ${JSON.stringify({ ...options, signal: undefined, sample: undefined })}`);
 
       const run = train(options);
       const steps = options.maxTrainSteps ?? 250;
@@ -421,7 +501,7 @@ export function trainCommand(): Command {
         if (e.reason === 'interval') ctx.reporter.debug(`checkpoint ${e.path} (step ${e.step})`);
       });
       run.on('warning', (e) => ctx.reporter.warn(e.message));
-      run.on('sample', (e) => ctx.reporter.event('sample', { step: e.step, prompt: e.prompt, result: e.result as unknown }));
+      run.on('sample', (e) => ctx.reporter.event('validation', { step: e.step, prompt: e.prompt, ...(e.result as object) }));
 
       let result: TrainResult;
       try {

@@ -33,7 +33,7 @@ describe('customdiff --help', () => {
   it('lists every command, and each command has --help with examples', () => {
     const top = cli(['--help'], cwd);
     expect(top.code).toBe(0);
-    for (const c of ['train', 'retrieve', 'compose', 'compress', 'convert', 'inspect', 'doctor']) {
+    for (const c of ['train', 'sample', 'class-images', 'retrieve', 'compose', 'compress', 'convert', 'inspect', 'doctor']) {
       expect(top.stdout).toMatch(new RegExp(`^  ${c} `, 'm'));
       const r = cli([c, '--help'], cwd);
       expect({ c, code: r.code }).toEqual({ c, code: 0 });
@@ -168,7 +168,7 @@ describe('customdiff train', () => {
       [['train', '--no-such-option'], /unknown option/],
       [['train', '--device', 'tpu'], /expected cpu, cuda, cuda:N or auto/],
       [[...single(), '-o', 'y', '--concepts-list', 'c.json'], /either --concepts-list .* or/],
-      [['train', ...FAST, '--instance-dir', dirs.inst1, '--instance-prompt', 'p', '--class-prompt', 'man', '-o', 'z'], /--class-prompt needs --class-dir/],
+      [['train', ...FAST, '--instance-dir', dirs.inst1, '--instance-prompt', 'p', '--class-dir', 'no-such-dir', '-o', 'z'], /--class-dir no-such-dir does not exist; give --class-prompt/],
       [['train', '-o', 'nothing-here', '--resume'], /no checkpoint in .*nothing-here/],
       [['compress', 'x.safetensors', '-m', MODEL, '--ratio', '0.5', '--rank', '2'], /cannot be used with option '--rank/],
       [['compress', 'x.safetensors', '--ratio', '1.5'], /expected a number > 0 and ≤ 1/],
