@@ -4,7 +4,11 @@ namespace cd::models {
 
 Attention::Attention(const Weights::Scope& scope, int64_t queryDim, int64_t crossAttentionDim, int64_t heads,
                      int64_t dimHead, bool upcastAttention)
-    : prefix_(scope.prefix()), heads_(heads), dimHead_(dimHead), cross_(crossAttentionDim > 0), upcast_(upcastAttention) {
+    : prefix_(scope.prefix()),
+      heads_(heads),
+      dimHead_(dimHead),
+      cross_(crossAttentionDim > 0),
+      upcast_(upcastAttention) {
   const int64_t inner = heads * dimHead;
   const int64_t kvIn = cross_ ? crossAttentionDim : queryDim;
   toQ_ = scope.get("to_q.weight", {inner, queryDim});

@@ -97,7 +97,8 @@ Napi::Value PrepareContext(const Napi::CallbackInfo& info) {
       auto sets = info[2].As<Napi::Array>();
       for (uint32_t s = 0; s < sets.Length(); ++s) {
         Napi::Value set = sets.Get(s);
-        Require(set.IsObject() && !set.IsArray(), "weightSets[" + std::to_string(s) + "] must be a {name: Tensor} object");
+        Require(set.IsObject() && !set.IsArray(),
+                "weightSets[" + std::to_string(s) + "] must be a {name: Tensor} object");
         auto object = set.As<Napi::Object>();
         auto names = object.GetPropertyNames();
         UNet2DConditionModel::KVWeights weights;

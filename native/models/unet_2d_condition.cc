@@ -329,8 +329,9 @@ std::shared_ptr<const CrossAttentionContext> UNet2DConditionModel::prepareContex
               std::to_string(batch) + " rows");
   for (size_t b = 0; b < assignment.size(); ++b)
     Require(assignment[b] >= -1 && assignment[b] < sets,
-            "assignment[" + std::to_string(b) + "] is " + std::to_string(assignment[b]) + ": expected -1 (the model's " +
-                "own weights) or the index of one of the " + std::to_string(sets) + " weight sets");
+            "assignment[" + std::to_string(b) + "] is " + std::to_string(assignment[b]) +
+                ": expected -1 (the model's own weights) or the index of one of the " + std::to_string(sets) +
+                " weight sets");
 
   // Column 2·slot holds a layer's key weight, 2·slot + 1 its value weight.
   std::map<std::string, size_t> columns;
@@ -406,7 +407,8 @@ std::shared_ptr<const CrossAttentionContext> UNet2DConditionModel::prepareContex
 }
 
 at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const at::Tensor& timestepsIn,
-                                             const CrossAttentionInput& context, const AttentionOptions& options) const {
+                                             const CrossAttentionInput& context,
+                                             const AttentionOptions& options) const {
   const UNetConfig& c = config_;
   Require(sampleIn.defined() && sampleIn.dim() == 4 && sampleIn.size(1) == c.inChannels,
           "sample must have shape [batch, " + std::to_string(c.inChannels) + ", height, width]");
