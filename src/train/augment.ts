@@ -193,7 +193,9 @@ export function drawInstanceAugment(rng: Rng, options: AugmentOptions = {}): Ins
  * The latent mask of the far branch, [size/8 × size/8] row-major: 1 on rows
  * (cx−s//2)//8+1 … (cx+s//2)//8−1 (end excluded) and columns likewise with cy, 0 elsewhere.
  * (Python would read a negative end as counting from the end; that needs cx+s//2 < 8, which the
- * scale rule never produces, and here it simply gives an empty mask.)
+ * scale rule never produces.) Where that range is empty (a square under 3 latent cells, possible only
+ * for images below ~72 px), the mask covers the cells the square touches instead, so no example has
+ * an empty mask.
  */
 export function latentMask(size: number, scale: number, cx: number, cy: number): Float32Array {
   const n = size / LATENT_FACTOR;
@@ -207,6 +209,9 @@ export function latentMask(size: number, scale: number, cx: number, cy: number):
   const range = (c: number): [number, number] => {
     const lo = Math.floor((c - half) / LATENT_FACTOR) + 1;
     const hi = Math.floor((c + half) / LATENT_FACTOR) - 1;
+    // The one-cell erosion empties the range of a square under 3 latent cells (only below ~72 px
+    // images; the original then divides by zero and trains on NaN): keep the cells it covers instead.
+    if (hi <= lo) return [Math.max(0, Math.floor((c - half) / LATENT_FACTOR)), Math.min(n, Math.ceil((c + half) / LATENT_FACTOR))];
     return [Math.max(0, Math.min(n, lo)), Math.max(0, Math.min(n, hi))];
   };
   const [r0, r1] = range(cx);
