@@ -154,6 +154,46 @@ void TrainStep::ResetAccumulation() {
   cycleMicro_ = 0;
 }
 
+at::Tensor TrainStep::EncodeText(const at::Tensor& inputIds) {
+  auto forward = [&](const at::Tensor& ids, bool grad) {
+    std::optional<at::NoGradGuard> noGrad;
+    if (!grad) noGrad.emplace();
+    return text_->Forward(ids).last_hidden_state;
+  };
+  if (!options_.cacheTextEmbeddings) return forward(inputIds, trainTokens_);
+  const at::Tensor ids = inputIds.to(at::kCPU, at::kLong).contiguous();
+  const int64_t n = ids.size(0), len = ids.size(1);
+  std::vector<at::Tensor> rows(static_cast<size_t>(n));
+  std::vector<int64_t> live;  // rows holding a trainable token: encoded together, with autograd
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t* p = ids.data_ptr<int64_t>() + i * len;
+    std::vector<int64_t> key(p, p + len);
+    bool trainable = false;
+    for (int64_t id : key)
+      for (int64_t t : options_.tokenIds) trainable = trainable || id == t;
+    if (trainable) {
+      live.push_back(i);
+      continue;
+    }
+    auto it = textCache_.find(key);
+    if (it != textCache_.end()) {
+      ++textCacheHits_;
+      rows[static_cast<size_t>(i)] = it->second;
+      continue;
+    }
+    at::Tensor h = forward(inputIds.narrow(0, i, 1), false).detach();
+    // Bounded: a few hundred distinct captions (retrieved class images) at most is the usual case.
+    if (textCache_.size() < 1024) textCache_.emplace(std::move(key), h);
+    rows[static_cast<size_t>(i)] = h;
+  }
+  if (!live.empty()) {
+    const at::Tensor index = at::tensor(live, at::kLong).to(inputIds.device());
+    const at::Tensor h = forward(inputIds.index_select(0, index), trainTokens_);
+    for (size_t k = 0; k < live.size(); ++k) rows[static_cast<size_t>(live[k])] = h.narrow(0, static_cast<int64_t>(k), 1);
+  }
+  return rows.size() == 1 ? rows[0] : at::cat(rows, 0);
+}
+
 at::Tensor TrainStep::Loss(const at::Tensor& predIn, const at::Tensor& targetIn, const at::Tensor& mask,
                            int64_t instances) const {
   // The reference casts both to float32 before the MSE (`model_pred.float()`).
@@ -302,10 +342,8 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   // ---- Text encoder (records autograd only when token rows train) and UNet with the BOS detach.
   at::Tensor context;
   {
-    std::optional<at::NoGradGuard> noGrad;
-    if (!trainTokens_) noGrad.emplace();
     AutocastScope autocast(o.mixedPrecision, device_.type());
-    context = text_->Forward(batch.inputIds).last_hidden_state;
+    context = EncodeText(batch.inputIds);
   }
   at::Tensor pred;
   {
@@ -361,6 +399,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
     }
     r.optimizerSteps = optimizerSteps_;
     r.microSteps = microSteps_;
+    r.textCacheHits = textCacheHits_;
     return r;
   }
 
@@ -400,6 +439,8 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
       r.skipped = true;
       r.optimizerSteps = optimizerSteps_;
       r.microSteps = microSteps_;
+      r.textCacheHits = textCacheHits_;
+    r.textCacheHits = textCacheHits_;
       return r;
     }
   } else if (!std::isfinite(r.gradNorm)) {
@@ -440,6 +481,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   r.optimizerStepped = true;
   r.optimizerSteps = optimizerSteps_;
   r.microSteps = microSteps_;
+  r.textCacheHits = textCacheHits_;
   return r;
 }
 

@@ -45,6 +45,7 @@
 
 #include <ATen/ATen.h>
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -92,6 +93,10 @@ struct TrainStepOptions {
   double growthFactor = 2.0;
   double backoffFactor = 0.5;
   int64_t growthInterval = 2000;
+  // Keep the text encoder's output for prompts without a trainable token (class prompts, or every
+  // prompt when no token trains): those outputs never change during training. Each is computed on
+  // its own (batch of one), so a cached and a fresh value are the same bits and resuming stays exact.
+  bool cacheTextEmbeddings = true;
 };
 
 // One micro-batch. Examples [0, instanceCount) are instance examples, the rest class (prior)
@@ -116,6 +121,7 @@ struct StepResult {
   bool skipped = false;      // fp16: the update was skipped (inf/NaN gradients) and the scale reduced
   int64_t optimizerSteps = 0;  // updates applied so far (after this call)
   int64_t microSteps = 0;      // micro-batches processed so far (after this call)
+  int64_t textCacheHits = 0;   // prompt rows served from the text-embedding cache so far
 };
 
 // AdamW state and counters, for checkpoints.
@@ -170,6 +176,8 @@ class TrainStep {
 
   at::Tensor Loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, int64_t instances) const;
   void ResetAccumulation();
+  // The text encoder's last hidden state for the batch, from textCache_ where it may.
+  at::Tensor EncodeText(const at::Tensor& inputIds);
 
   std::shared_ptr<models::UNet2DConditionModel> unet_;
   std::shared_ptr<models::ClipTextModel> text_;
@@ -179,6 +187,9 @@ class TrainStep {
   c10::Device device_ = c10::Device(c10::kCPU);
   std::vector<Param> params_;
   bool trainTokens_ = false;
+  // cacheTextEmbeddings: token ids of a prompt row → its last hidden state [1, L, D] (no autograd).
+  std::map<std::vector<int64_t>, at::Tensor> textCache_;
+  int64_t textCacheHits_ = 0;
   int64_t optimizerSteps_ = 0;
   int64_t microSteps_ = 0;
   int64_t cycleMicro_ = 0;  // micro-batches in the current accumulation cycle

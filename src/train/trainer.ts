@@ -90,6 +90,12 @@ export interface TrainStepOptions {
   mixedPrecision?: MixedPrecision;
   /** Not available (the UNet has no checkpointed forward): `true` is an error. */
   gradientCheckpointing?: boolean;
+  /**
+   * Keep the text encoder's output of prompts that hold no trainable token (class prompts; every
+   * prompt when no token trains), which never changes during training (default true). Each such
+   * prompt is encoded alone, so cached and fresh values are the same bits.
+   */
+  cacheTextEmbeddings?: boolean;
 }
 
 /** One micro-batch: examples [0, instanceCount) are instance examples, the rest class examples. */
@@ -122,6 +128,8 @@ export interface TrainStepResult {
   skipped: boolean;
   optimizerSteps: number;
   microSteps: number;
+  /** Prompt rows served from the text-embedding cache so far. */
+  textCacheHits: number;
 }
 
 interface NativeTrainerInfo {

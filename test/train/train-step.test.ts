@@ -276,6 +276,37 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
     }
   });
 
+  it('caches the text encoding of prompts without a trainable token, with the same result as encoding every step', async () => {
+    const run = async (cacheTextEmbeddings: boolean) => {
+      const m = await loadModels('sd1');
+      addToken(m, p);
+      const step = TrainStep.create(m, { ...stepOptions(p), learningRate: 1e-3, cacheTextEmbeddings });
+      try {
+        const results = [];
+        for (let i = 0; i < 4; i++) results.push(await step.step(batchOf(i % 2)));
+        const weights = await step.trainables();
+        return { results, weights };
+      } finally {
+        step.dispose();
+        disposeModels(m);
+      }
+    };
+    const cached = await run(true);
+    const fresh = await run(false);
+    // The fixture batch has class rows (no <new1>): served from the cache from the second step on.
+    const classRows = (p as unknown as { prompts: string[] }).prompts.length - p.instance_count;
+    expect(classRows).toBeGreaterThan(0);
+    expect(cached.results.map((r) => r.textCacheHits)).toEqual([0, 1, 2, 3].map((k) => k * classRows));
+    expect(fresh.results.every((r) => r.textCacheHits === 0)).toBe(true);
+    cached.results.forEach((r, i) => expect(Math.abs(r.loss - fresh.results[i].loss)).toBeLessThan(1e-5 * Math.abs(fresh.results[i].loss)));
+    for (const n of Object.keys(fresh.weights)) {
+      const a = Array.from(cached.weights[n].toArray() as Float32Array);
+      const b = Array.from(fresh.weights[n].toArray() as Float32Array);
+      const scale = Math.max(...b.map(Math.abs));
+      expect(Math.max(...a.map((v, i) => Math.abs(v - b[i]))) / scale).toBeLessThan(1e-5);
+    }
+  });
+
   it('accumulates gradients: only every N-th micro-batch updates, with the warmup schedule', async () => {
     const m = await loadModels('sd1');
     addToken(m, p);
