@@ -22,8 +22,8 @@ export interface ClassImagesCliOptions extends OverwriteOptions, DeviceOptions, 
   outputDir?: string;
 }
 
-/** What a class-images folder holds: nothing yet, an earlier generation (resumable), a retrieval, or other files. */
-export type ClassFolderState = 'absent' | 'empty' | 'generated' | 'retrieved' | 'other';
+/** What a class-images folder holds: nothing yet, an earlier generation (resumable), a retrieval, or other files; or it is a file. */
+export type ClassFolderState = 'absent' | 'empty' | 'generated' | 'retrieved' | 'other' | 'file';
 
 const GENERATED_FILES = ['images', 'images.txt', 'caption.txt'];
 
@@ -33,6 +33,7 @@ export function classFolderState(dir: string): ClassFolderState {
     entries = fs.readdirSync(dir);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return 'absent';
+    if ((e as NodeJS.ErrnoException).code === 'ENOTDIR') return 'file';
     throw e;
   }
   if (entries.length === 0) return 'empty';
@@ -132,6 +133,7 @@ export function classImagesCommand(): Command {
       const count = o.numImages ?? 200;
 
       const state = classFolderState(out);
+      if (state === 'file') throw usageError(`--output-dir ${out} is a file; give a folder for the images`);
       if (state === 'retrieved' || state === 'other') {
         if (!o.overwrite) {
           throw usageError(

@@ -224,6 +224,10 @@ describe('customdiff class-images', () => {
     expect(cli(['class-images', '-m', MODEL, '-o', 'x'], cwd).stderr).toMatch(/needs --class-prompt/);
     expect(cli(['class-images', '-m', MODEL, '--class-prompt', 'cat'], cwd).stderr).toMatch(/needs --output-dir/);
     expect(cli([...args, '-n', '0', '-o', 'x'], cwd).code).toBe(2);
+    fs.writeFileSync(path.join(cwd, 'a-file'), '');
+    const file = cli([...args, '-n', '1', '-o', 'a-file'], cwd);
+    expect(file.code).toBe(2);
+    expect(file.stderr).toMatch(/a-file is a file; give a folder/);
   });
 });
 
