@@ -1,6 +1,6 @@
 // JS bindings of custom_diffusion/train_step, as the addon's `trainer` object:
 //   create(unet, textEncoder, vae | null, schedulerConfigJson, options) → handle
-//   step(handle, batch, generator?) → Promise<{loss, lr, gradNorm, optimizerStepped, skipped, optimizerSteps, microSteps, textCacheHits}>
+//   step(handle, batch, generator?) → Promise<{loss, lr, gradNorm, optimizerStepped, skipped, optimizerSteps, microSteps, textCacheHits, latentCacheHits}>
 //   trainables(handle) → Promise<{name: Tensor}>          setTrainables(handle, {name: Tensor}) → Promise<void>
 //   optimizerState(handle) → Promise<{...}>              setOptimizerState(handle, state) → Promise<void>
 //   info(handle), learningRateAt(handle, step), dispose(handle)
@@ -89,7 +89,7 @@ custom_diffusion::TrainStepOptions ParseOptions(const Napi::Value& v) {
   Options o(v,
             {"freezeModel", "tokenIds", "learningRate", "warmupSteps", "adamBeta1", "adamBeta2", "adamEpsilon",
              "adamWeightDecay", "maxGradNorm", "gradientAccumulationSteps", "priorLossWeight", "lossWeighting",
-             "mixedPrecision", "gradientCheckpointing", "cacheTextEmbeddings"},
+             "mixedPrecision", "gradientCheckpointing", "cacheTextEmbeddings", "cacheClassLatents"},
             "trainer option");
   custom_diffusion::TrainStepOptions r;
   const std::string freeze = o.String("freezeModel", "crossattn_kv");
@@ -125,6 +125,7 @@ custom_diffusion::TrainStepOptions ParseOptions(const Napi::Value& v) {
                      : mp == "bf16" ? custom_diffusion::MixedPrecision::Bf16
                                     : custom_diffusion::MixedPrecision::No;
   r.cacheTextEmbeddings = o.Bool("cacheTextEmbeddings", true);
+  r.cacheClassLatents = o.Bool("cacheClassLatents", true);
   if (o.Bool("gradientCheckpointing", false))
     throw Error("INVALID_ARGUMENT",
                 "gradientCheckpointing is not available: the UNet has no checkpointed forward pass (train with a smaller "
@@ -181,6 +182,7 @@ Napi::Value Step(const Napi::CallbackInfo& info) {
         o.Set("optimizerSteps", static_cast<double>(r.optimizerSteps));
         o.Set("microSteps", static_cast<double>(r.microSteps));
         o.Set("textCacheHits", static_cast<double>(r.textCacheHits));
+        o.Set("latentCacheHits", static_cast<double>(r.latentCacheHits));
         return o;
       };
     });

@@ -154,6 +154,40 @@ void TrainStep::ResetAccumulation() {
   cycleMicro_ = 0;
 }
 
+models::AutoencoderKL::Posterior TrainStep::EncodeImages(const at::Tensor& pixels, int64_t instances) {
+  const int64_t n = pixels.size(0);
+  if (!options_.cacheClassLatents || instances >= n) return vae_->Encode(pixels);
+  // Instance examples are augmented afresh each step: encoded together. Class examples (flip at
+  // most) recur, so each is encoded alone once and its posterior kept, keyed by its exact pixels.
+  std::vector<at::Tensor> means, stds;
+  if (instances > 0) {
+    auto post = vae_->Encode(pixels.narrow(0, 0, instances));
+    means.push_back(post.mean);
+    stds.push_back(post.std);
+  }
+  for (int64_t i = instances; i < n; ++i) {
+    const at::Tensor row = pixels.narrow(0, i, 1).to(at::kCPU).contiguous();
+    std::string key(static_cast<const char*>(row.data_ptr()), static_cast<size_t>(row.nbytes()));
+    key += c10::str(row.sizes(), row.scalar_type());
+    auto it = latentCache_.find(key);
+    if (it == latentCache_.end()) {
+      auto post = vae_->Encode(pixels.narrow(0, i, 1));
+      std::pair<at::Tensor, at::Tensor> entry{post.mean.detach(), post.std.detach()};
+      if (latentCache_.size() < 1024) it = latentCache_.emplace(std::move(key), entry).first;
+      means.push_back(entry.first);
+      stds.push_back(entry.second);
+      continue;
+    }
+    ++latentCacheHits_;
+    means.push_back(it->second.first);
+    stds.push_back(it->second.second);
+  }
+  models::AutoencoderKL::Posterior post;
+  post.mean = at::cat(means, 0);
+  post.std = at::cat(stds, 0);
+  return post;
+}
+
 at::Tensor TrainStep::EncodeText(const at::Tensor& inputIds) {
   auto forward = [&](const at::Tensor& ids, bool grad) {
     std::optional<at::NoGradGuard> noGrad;
@@ -282,7 +316,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
       models::AutoencoderKL::Posterior post;
       {
         AutocastScope autocast(o.mixedPrecision, device_.type());
-        post = vae_->Encode(batch.pixels);
+        post = EncodeImages(batch.pixels, batch.instanceCount);
       }
       at::Tensor eps;
       if (batch.vaeNoise.defined()) {
@@ -400,6 +434,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
     r.optimizerSteps = optimizerSteps_;
     r.microSteps = microSteps_;
     r.textCacheHits = textCacheHits_;
+    r.latentCacheHits = latentCacheHits_;
     return r;
   }
 
@@ -440,7 +475,10 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
       r.optimizerSteps = optimizerSteps_;
       r.microSteps = microSteps_;
       r.textCacheHits = textCacheHits_;
+      r.latentCacheHits = latentCacheHits_;
+    r.latentCacheHits = latentCacheHits_;
     r.textCacheHits = textCacheHits_;
+    r.latentCacheHits = latentCacheHits_;
       return r;
     }
   } else if (!std::isfinite(r.gradNorm)) {
@@ -482,6 +520,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   r.optimizerSteps = optimizerSteps_;
   r.microSteps = microSteps_;
   r.textCacheHits = textCacheHits_;
+  r.latentCacheHits = latentCacheHits_;
   return r;
 }
 

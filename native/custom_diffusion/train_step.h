@@ -54,6 +54,7 @@
 #include <vector>
 
 #include "core/async.h"
+#include "models/autoencoder_kl.h"
 #include "models/unet_2d_condition.h"
 
 namespace cd::models {
@@ -97,6 +98,10 @@ struct TrainStepOptions {
   // prompt when no token trains): those outputs never change during training. Each is computed on
   // its own (batch of one), so a cached and a fresh value are the same bits and resuming stays exact.
   bool cacheTextEmbeddings = true;
+  // Keep the VAE posterior (mean, std) of each class example, keyed by its exact pixels: class
+  // images are only flipped, so they recur; each is encoded alone once (same bits as fresh), and a
+  // new posterior sample is still drawn every step. Instance examples are encoded every step.
+  bool cacheClassLatents = true;
 };
 
 // One micro-batch. Examples [0, instanceCount) are instance examples, the rest class (prior)
@@ -122,6 +127,7 @@ struct StepResult {
   int64_t optimizerSteps = 0;  // updates applied so far (after this call)
   int64_t microSteps = 0;      // micro-batches processed so far (after this call)
   int64_t textCacheHits = 0;   // prompt rows served from the text-embedding cache so far
+  int64_t latentCacheHits = 0; // class examples served from the posterior cache so far
 };
 
 // AdamW state and counters, for checkpoints.
@@ -178,6 +184,8 @@ class TrainStep {
   void ResetAccumulation();
   // The text encoder's last hidden state for the batch, from textCache_ where it may.
   at::Tensor EncodeText(const at::Tensor& inputIds);
+  // The VAE posterior of the batch's pixels, class examples from latentCache_ where they may.
+  models::AutoencoderKL::Posterior EncodeImages(const at::Tensor& pixels, int64_t instances);
 
   std::shared_ptr<models::UNet2DConditionModel> unet_;
   std::shared_ptr<models::ClipTextModel> text_;
@@ -190,6 +198,9 @@ class TrainStep {
   // cacheTextEmbeddings: token ids of a prompt row → its last hidden state [1, L, D] (no autograd).
   std::map<std::vector<int64_t>, at::Tensor> textCache_;
   int64_t textCacheHits_ = 0;
+  // cacheClassLatents: exact pixel bytes (+ shape, dtype) of a class example → posterior (mean, std).
+  std::map<std::string, std::pair<at::Tensor, at::Tensor>> latentCache_;
+  int64_t latentCacheHits_ = 0;
   int64_t optimizerSteps_ = 0;
   int64_t microSteps_ = 0;
   int64_t cycleMicro_ = 0;  // micro-batches in the current accumulation cycle

@@ -96,6 +96,11 @@ export interface TrainStepOptions {
    * prompt is encoded alone, so cached and fresh values are the same bits.
    */
   cacheTextEmbeddings?: boolean;
+  /**
+   * Keep the VAE posterior of each class example (class images are only flipped, so they recur),
+   * keyed by its exact pixels; a fresh posterior sample is still drawn every step (default true).
+   */
+  cacheClassLatents?: boolean;
 }
 
 /** One micro-batch: examples [0, instanceCount) are instance examples, the rest class examples. */
@@ -130,6 +135,8 @@ export interface TrainStepResult {
   microSteps: number;
   /** Prompt rows served from the text-embedding cache so far. */
   textCacheHits: number;
+  /** Class examples served from the VAE posterior cache so far. */
+  latentCacheHits: number;
 }
 
 interface NativeTrainerInfo {

@@ -276,11 +276,11 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
     }
   });
 
-  it('caches the text encoding of prompts without a trainable token, with the same result as encoding every step', async () => {
-    const run = async (cacheTextEmbeddings: boolean) => {
+  it('caches class latents and the text encoding of prompts without a trainable token, with the same result as encoding every step', async () => {
+    const run = async (cache: boolean) => {
       const m = await loadModels('sd1');
       addToken(m, p);
-      const step = TrainStep.create(m, { ...stepOptions(p), learningRate: 1e-3, cacheTextEmbeddings });
+      const step = TrainStep.create(m, { ...stepOptions(p), learningRate: 1e-3, cacheTextEmbeddings: cache, cacheClassLatents: cache });
       try {
         const results = [];
         for (let i = 0; i < 4; i++) results.push(await step.step(batchOf(i % 2)));
@@ -297,7 +297,8 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
     const classRows = (p as unknown as { prompts: string[] }).prompts.length - p.instance_count;
     expect(classRows).toBeGreaterThan(0);
     expect(cached.results.map((r) => r.textCacheHits)).toEqual([0, 1, 2, 3].map((k) => k * classRows));
-    expect(fresh.results.every((r) => r.textCacheHits === 0)).toBe(true);
+    expect(cached.results.map((r) => r.latentCacheHits)).toEqual([0, 1, 2, 3].map((k) => k * classRows));
+    expect(fresh.results.every((r) => r.textCacheHits === 0 && r.latentCacheHits === 0)).toBe(true);
     cached.results.forEach((r, i) => expect(Math.abs(r.loss - fresh.results[i].loss)).toBeLessThan(1e-5 * Math.abs(fresh.results[i].loss)));
     for (const n of Object.keys(fresh.weights)) {
       const a = Array.from(cached.weights[n].toArray() as Float32Array);
