@@ -5,6 +5,7 @@ import { classImagesCommand } from './class-images';
 import { composeCommand } from './compose';
 import { compressCommand } from './compress';
 import { convertCommand } from './convert';
+import { demoCommand } from './demo';
 import { doctorCommand } from './doctor';
 import { inspectCommand } from './inspect';
 import { retrieveCommand } from './retrieve';
@@ -27,6 +28,7 @@ export const COMMANDS: (() => Command)[] = [
   compressCommand,
   convertCommand,
   inspectCommand,
+  demoCommand,
   doctorCommand,
 ];
 
