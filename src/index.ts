@@ -106,3 +106,4 @@ export {
 } from './delta';
 export * from './sample';
 export * from './toy';
+export * from './demo';
