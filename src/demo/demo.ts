@@ -54,17 +54,26 @@ const PACKAGE_ROOT = path.resolve(__dirname, '..', '..');
 /** Where the embedded demo model lives: `<package>/models/toy-sd` (a diffusers folder). */
 export const DEMO_MODEL_DIR = path.join(PACKAGE_ROOT, 'models', 'toy-sd');
 
+/** Also accepted when {@link DEMO_MODEL_DIR} is absent: where `npm run pretrain:toy` writes by default. */
+const PRETRAIN_DEFAULT_DIR = path.join(PACKAGE_ROOT, 'models', 'toy');
+
+const isModelFolder = (dir: string): boolean => fs.existsSync(path.join(dir, 'model_index.json'));
+
 /**
- * The demo's model folder: `model` when given, else the embedded one. Throws a FileError that says
- * how to make the model when the folder (or its model_index.json) is missing.
+ * The demo's model folder: `model` when given, else the embedded one ({@link DEMO_MODEL_DIR}, or
+ * `models/toy` where `npm run pretrain:toy` writes by default). Throws a FileError that says how to
+ * make the model when the folder (or its model_index.json) is missing.
  */
 export function resolveDemoModel(model?: string): string {
+  if (model === undefined) {
+    for (const dir of [DEMO_MODEL_DIR, PRETRAIN_DEFAULT_DIR]) if (isModelFolder(dir)) return dir;
+  }
   const dir = path.resolve(model ?? DEMO_MODEL_DIR);
-  if (!fs.existsSync(path.join(dir, 'model_index.json'))) {
+  if (!isModelFolder(dir)) {
     const what = model === undefined ? 'The embedded demo model' : 'The demo model';
     throw new FileError(
       `${what} was not found at ${dir} (no model_index.json there). ` +
-        'Make it with "npm run pretrain:toy" (node scripts/pretrain-toy.js; --smoke makes a quick, poor one), ' +
+        `Make it with "npm run pretrain:toy -- --out ${dir}" (scripts/pretrain-toy.js; add --smoke for a quick, poor one), ` +
         'or pass --model with a toy-world diffusers folder.',
       dir,
     );
