@@ -123,8 +123,7 @@ export function lossCurveSvg(curves: readonly ReportCurve[], width = 640, height
     parts.push(`<line x1="${pad.left - 4}" y1="${fmt(y(v))}" x2="${pad.left + pw}" y2="${fmt(y(v))}" stroke="#eee"/>`);
     parts.push(`<text x="${pad.left - 6}" y="${fmt(y(v) + 4)}" text-anchor="end">${v.toPrecision(3)}</text>`);
   }
-  for (let k = 0; k <= 4; k++) {
-    const i = Math.round(((steps - 1) * k) / 4);
+  for (const i of new Set([0, 1, 2, 3, 4].map((k) => Math.round(((steps - 1) * k) / 4)))) {
     parts.push(`<text x="${fmt(x(i))}" y="${pad.top + ph + 16}" text-anchor="middle">${i + 1}</text>`);
   }
   parts.push(`<text x="${pad.left + pw / 2}" y="${height - 4}" text-anchor="middle">optimizer step</text>`);
