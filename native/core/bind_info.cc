@@ -5,6 +5,13 @@
 #include <napi.h>
 #include <torch/headeronly/version.h>
 
+// The device caching allocator's statistics (torch ≥ 2.9): declared in LibTorch's CPU library, so
+// this needs no CUDA headers and compiles against CPU LibTorch too.
+#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9))
+#include <ATen/DeviceAccelerator.h>
+#define CD_HAVE_DEVICE_STATS 1
+#endif
+
 #include "core/registry.h"
 #include "core/errors.h"
 #include "core/tensor.h"
@@ -130,6 +137,33 @@ Napi::Value LiveTensors(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(TensorWrap::Live()));
 }
 
+// cudaMemoryStats(device = 0, resetPeak = false): the CUDA caching allocator's current and peak
+// bytes (torch.cuda.memory_allocated / max_memory_allocated / memory_reserved /
+// max_memory_reserved), or null without CUDA. With resetPeak the peaks restart after reading.
+Napi::Value CudaMemoryStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    const int device = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 0;
+    const bool reset = info.Length() > 1 && info[1].IsBoolean() && info[1].As<Napi::Boolean>().Value();
+#ifdef CD_HAVE_DEVICE_STATS
+    if (!at::hasCUDA()) return env.Null();
+    Require(device >= 0 && static_cast<size_t>(device) < at::getNumGPUs(), "cudaMemoryStats: no CUDA device " + std::to_string(device));
+    const auto index = static_cast<c10::DeviceIndex>(device);
+    const auto stats = at::accelerator::getDeviceStats(index);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("device", device);
+    o.Set("allocatedBytes", static_cast<double>(stats.allocated_bytes[0].current));
+    o.Set("peakAllocatedBytes", static_cast<double>(stats.allocated_bytes[0].peak));
+    o.Set("reservedBytes", static_cast<double>(stats.reserved_bytes[0].current));
+    o.Set("peakReservedBytes", static_cast<double>(stats.reserved_bytes[0].peak));
+    if (reset) at::accelerator::resetPeakStats(index);
+    return o;
+#else
+    return env.Null();
+#endif
+  });
+}
+
 }  // namespace
 
 void InitInfo(Napi::Env env, Napi::Object exports) {
@@ -137,6 +171,7 @@ void InitInfo(Napi::Env env, Napi::Object exports) {
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
   exports.Set("liveTensors", Napi::Function::New(env, LiveTensors, "liveTensors"));
+  exports.Set("cudaMemoryStats", Napi::Function::New(env, CudaMemoryStats, "cudaMemoryStats"));
 }
 
 CD_REGISTER_BINDING(info, InitInfo);
