@@ -2,15 +2,26 @@
 'use strict';
 // Steady-state time of one Custom Diffusion optimizer step: ours (native TrainStep) against a
 // diffusers reference step (HF-EX's loop body: CustomDiffusionAttnProcessor2_0, AdamW, clipping) on the
-// same CPU, same model, same batch shape and the same number of threads, timed in alternating rounds
+// same device, same model, same batch shape and the same number of threads, timed in alternating rounds
 // in one invocation; prints both and the ratio.
 //
 //   npm run build:ts && node bench/train-step.js [--model DIR] [--resolution 32] [--batch 1]
 //                                                 [--steps 20] [--rounds 4] [--warmup 3] [--threads 2] [--json FILE]
+//                                                 [--device cpu|cuda] [--mixed-precision no|bf16|fp16] [--reference on|off]
 //
 // The default model is the tiny SD1-architecture fixture (test/fixtures/parity/sd1/model, VAE factor
-// 4); any diffusers SD1/SD2 folder works (e.g. one written by test/parity/make_full_size.py). A batch
-// is B instance + B class examples (prior preservation), one modifier token.
+// 4); any diffusers SD1/SD2 folder works (e.g. one written by test/parity/make_full_size.py or
+// scripts/gpu/make_model.py). A batch is B instance + B class examples (prior preservation), one
+// modifier token.
+//
+// On CUDA with --mixed-precision the reference is set up as diffusers' train_custom_diffusion.py
+// does it under accelerate: the frozen UNet and VAE in the half dtype, the text encoder (which
+// trains the modifier token) in float32 with its forward under autocast, the Custom Diffusion
+// K/V processors in float32, a GradScaler for fp16. Ours keeps float32 weights and runs the
+// forward passes under autocast (mixedPrecision). On CUDA the result also has each side's peak
+// memory from its caching allocator (torch.cuda.max_memory_allocated / max_memory_reserved, and
+// ours through the addon's cudaMemoryStats), the load time, and the process ids (for outside
+// samplers such as nvidia-smi).
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
@@ -30,6 +41,9 @@ function args() {
     rounds: 4,
     threads: 2,
     json: null,
+    device: 'cpu',
+    'mixed-precision': 'no',
+    reference: 'on',
   };
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
@@ -38,16 +52,31 @@ function args() {
     const v = argv[++i];
     a[k] = typeof a[k] === 'number' ? Number(v) : v;
   }
+  a.mixedPrecision = a['mixed-precision'];
+  delete a['mixed-precision'];
+  if (!['no', 'bf16', 'fp16'].includes(a.mixedPrecision)) throw new Error(`--mixed-precision must be no, bf16 or fp16`);
+  if (!['on', 'off'].includes(a.reference)) throw new Error('--reference must be on or off');
   return a;
 }
 
 const PY = String.raw`
-import sys, json, time, itertools, os
+import sys, json, time, itertools, os, contextlib
+t_start = time.perf_counter()
 import torch
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
 torch.manual_seed(0)
 import torch.nn.functional as F
+dev = torch.device(cfg.get("device", "cpu"))
+mp = cfg.get("mixedPrecision", "no")
+# train_custom_diffusion.py: weight_dtype for the frozen models; the text encoder stays float32 when a
+# modifier token trains, and accelerate runs its forward under autocast.
+wdt = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
+def autocast():
+    return torch.autocast(dev.type, dtype=wdt) if mp != "no" else contextlib.nullcontext()
+scaler = torch.amp.GradScaler(dev.type) if mp == "fp16" else None
+def sync():
+    if dev.type == "cuda": torch.cuda.synchronize()
 import diffusers, transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
@@ -62,6 +91,7 @@ sched = DDPMScheduler.from_pretrained(m, subfolder="scheduler")
 tok.add_tokens("<new1>"); new_id = tok.convert_tokens_to_ids("<new1>")
 te.resize_token_embeddings(len(tok))
 vae.requires_grad_(False); unet.requires_grad_(False)
+unet.to(dev, dtype=wdt); vae.to(dev, dtype=wdt); te.to(dev)
 tm = getattr(te, "text_model", te)
 for mod in (tm.encoder, tm.final_layer_norm, tm.embeddings.position_embedding): mod.requires_grad_(False)
 st = unet.state_dict(); procs = {}
@@ -74,7 +104,7 @@ for name in unet.attn_processors.keys():
     if cross is not None:
         p = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=hidden, cross_attention_dim=cross)
         p.load_state_dict({"to_k_custom_diffusion.weight": st[layer + ".to_k.weight"], "to_v_custom_diffusion.weight": st[layer + ".to_v.weight"]})
-        procs[name] = p
+        procs[name] = p.to(dev)
     else:
         procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
 unet.set_attn_processor(procs)
@@ -85,33 +115,51 @@ pixels = torch.rand(2 * B, 3, R, R) * 2 - 1
 prompts = ["photo of a <new1> man"] * B + ["photo of a man"] * B
 ids = tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt").input_ids
 def step():
-    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-    mask = torch.ones(2 * B, 1, latents.shape[2], latents.shape[3])
+    # The batch comes from the (CPU) data loader; accelerate moves it to the device each step.
+    px = pixels.to(dev, non_blocking=True).to(wdt)
+    latents = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+    mask = torch.ones(2 * B, 1, latents.shape[2], latents.shape[3]).to(dev, non_blocking=True)
     noise = torch.randn_like(latents)
-    t = torch.randint(0, sched.config.num_train_timesteps, (2 * B,))
+    t = torch.randint(0, sched.config.num_train_timesteps, (2 * B,), device=latents.device)
     noisy = sched.add_noise(latents, noise, t)
-    ctx = te(ids)[0]
+    with autocast():
+        ctx = te(ids.to(dev, non_blocking=True))[0]
     pred = unet(noisy, t, ctx).sample
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pi, pp = torch.chunk(pred, 2); ti, tp = torch.chunk(target, 2); mi = torch.chunk(mask, 2)[0]
     l = F.mse_loss(pi.float(), ti.float(), reduction="none")
     loss = ((l * mi).sum([1, 2, 3]) / mi.sum([1, 2, 3])).mean() + F.mse_loss(pp.float(), tp.float(), reduction="mean")
-    loss.backward()
+    if scaler is not None: scaler.scale(loss).backward()
+    else: loss.backward()
     g = te.get_input_embeddings().weight.grad
-    z = torch.arange(len(tok)) != new_id
+    z = torch.arange(len(tok), device=g.device) != new_id
     g.data[z, :] = g.data[z, :].fill_(0)
+    if scaler is not None: scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(itertools.chain(te.parameters(), layers), 1.0)
-    opt.step(); opt.zero_grad()
+    if scaler is not None:
+        scaler.step(opt); scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad()
     return loss.item()
-for _ in range(cfg["warmup"]): step()
-print(json.dumps({"ready": True, "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}), flush=True)
+sync(); load_ms = 1000 * (time.perf_counter() - t_start)
+warm = []
+for _ in range(cfg["warmup"]):
+    t0 = time.perf_counter(); step(); sync(); warm.append(1000 * (time.perf_counter() - t0))
+def memory():
+    if dev.type != "cuda": return None
+    return {"peakAllocatedBytes": torch.cuda.max_memory_allocated(dev), "peakReservedBytes": torch.cuda.max_memory_reserved(dev),
+            "allocatedBytes": torch.cuda.memory_allocated(dev), "reservedBytes": torch.cuda.memory_reserved(dev)}
+print(json.dumps({"ready": True, "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                  "threads": torch.get_num_threads(), "pid": os.getpid(), "loadMs": load_ms, "warmupMs": warm,
+                  "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}), flush=True)
 for line in sys.stdin:
     n = int(line)
     if n <= 0: break
     times = []
     for _ in range(n):
-        t0 = time.perf_counter(); step(); times.append(1000 * (time.perf_counter() - t0))
-    print(json.dumps(times), flush=True)
+        t0 = time.perf_counter(); step(); sync(); times.append(1000 * (time.perf_counter() - t0))
+    print(json.dumps({"times": times, "memory": memory()}), flush=True)
 `;
 
 /** The reference in a child process that stays up, so its rounds can alternate with ours. */
@@ -152,21 +200,28 @@ function startReference(cfg) {
 }
 
 async function setupOurs(cfg) {
+  const t0 = performance.now();
   const cd = require(lib);
   const { TrainStep } = require(path.join(lib, 'train', 'trainer'));
   const { UNet } = require(path.join(lib, 'model', 'unet'));
+  const { native } = require(path.join(lib, 'native'));
   cd.setNumThreads(cfg.threads);
   const m = cfg.model;
+  // Float32 weights on the device: mixed precision computes in bf16/fp16 under autocast.
+  const opts = { device: cfg.device };
   const [unet, textEncoder, vae, scheduler, tok] = await Promise.all([
-    UNet.load(path.join(m, 'unet')),
-    cd.TextEncoder.load(path.join(m, 'text_encoder')),
-    cd.AutoencoderKL.load(path.join(m, 'vae')),
+    UNet.load(path.join(m, 'unet'), opts),
+    cd.TextEncoder.load(path.join(m, 'text_encoder'), opts),
+    cd.AutoencoderKL.load(path.join(m, 'vae'), opts),
     cd.Scheduler.load(path.join(m, 'scheduler')),
     cd.ClipTokenizer.fromFolder(path.join(m, 'tokenizer')),
   ]);
   const [newId] = tok.addTokens(['<new1>']);
   textEncoder.resizeTokenEmbeddings(newId + 1);
-  const step = TrainStep.create({ unet, textEncoder, vae, scheduler }, { learningRate: 1e-5, tokenIds: [newId] });
+  const step = TrainStep.create(
+    { unet, textEncoder, vae, scheduler },
+    { learningRate: 1e-5, tokenIds: [newId], ...(cfg.mixedPrecision !== 'no' ? { mixedPrecision: cfg.mixedPrecision } : {}) },
+  );
   const B = cfg.batch;
   const R = cfg.resolution;
   const f = vae.spatialFactor;
@@ -176,6 +231,7 @@ async function setupOurs(cfg) {
     truncation: true,
   });
   const ids = new BigInt64Array(rows.flat().map((x) => BigInt(x)));
+  // CPU tensors, as the data pipeline hands them over: the step moves them to the device.
   const batch = {
     pixels: cd.Tensor.fromArray(px, [2 * B, 3, R, R]),
     masks: cd.Tensor.fromArray(new Float32Array(2 * B * (R / f) ** 2).fill(1), [2 * B, 1, R / f, R / f]),
@@ -183,13 +239,29 @@ async function setupOurs(cfg) {
     instanceCount: B,
   };
   const gen = new cd.Generator(0);
-  for (let i = 0; i < cfg.warmup; i++) await step.step(batch, gen);
+  const loadMs = performance.now() - t0;
+  const warmupMs = [];
+  for (let i = 0; i < cfg.warmup; i++) {
+    const w0 = performance.now();
+    await step.step(batch, gen);
+    warmupMs.push(performance.now() - w0);
+  }
+  const memory = () => {
+    const fn = native().cudaMemoryStats;
+    if (!String(cfg.device).startsWith('cuda')) return null;
+    if (typeof fn !== 'function') return { unavailable: 'this addon has no cudaMemoryStats (rebuild it)' };
+    return fn(0);
+  };
   return {
     threads: cd.getNumThreads(),
+    loadMs,
+    warmupMs,
+    memory,
     async run(n) {
       const times = [];
       for (let i = 0; i < n; i++) {
         const t0 = process.hrtime.bigint();
+        // The step returns the loss as a number, so it has finished on the device when it resolves.
         await step.step(batch, gen);
         times.push(Number(process.hrtime.bigint() - t0) / 1e6);
       }
@@ -200,7 +272,7 @@ async function setupOurs(cfg) {
 
 function stats(times) {
   const s = [...times].sort((a, b) => a - b);
-  return { median_ms: s[s.length >> 1], mean_ms: s.reduce((a, b) => a + b, 0) / s.length, steps: s.length };
+  return { median_ms: s[s.length >> 1], mean_ms: s.reduce((a, b) => a + b, 0) / s.length, min_ms: s[0], steps: s.length };
 }
 
 async function main() {
@@ -208,29 +280,65 @@ async function main() {
   // Both sides are set up and warmed, then timed in alternating rounds, so a change in machine
   // load during the run hits both alike.
   const ours = await setupOurs(cfg);
-  const reference = startReference(cfg);
-  const refInfo = await reference.ready;
+  let reference = null;
+  let refInfo = null;
+  let refError = null;
+  if (cfg.reference === 'on') {
+    reference = startReference(cfg);
+    try {
+      refInfo = await reference.ready;
+    } catch (e) {
+      refError = String(e.message || e);
+      reference = null;
+    }
+  }
   const oursTimes = [];
   const refTimes = [];
+  let refMemory = null;
   const rounds = Math.max(1, cfg.rounds);
   const per = Math.max(1, Math.round(cfg.steps / rounds));
   for (let r = 0; r < rounds; r++) {
     oursTimes.push(...(await ours.run(per)));
-    refTimes.push(...(await reference.run(per)));
+    if (reference) {
+      const got = await reference.run(per);
+      refTimes.push(...got.times);
+      refMemory = got.memory;
+    }
   }
-  reference.stop();
-  const mine = { ...stats(oursTimes), threads: ours.threads };
-  const ref = { ...stats(refTimes), torch: refInfo.torch, diffusers: refInfo.diffusers, threads: refInfo.threads };
+  if (reference) reference.stop();
+  const mine = { ...stats(oursTimes), threads: ours.threads, pid: process.pid, loadMs: ours.loadMs, warmupMs: ours.warmupMs, memory: ours.memory() };
+  const ref = reference
+    ? {
+        ...stats(refTimes),
+        torch: refInfo.torch,
+        diffusers: refInfo.diffusers,
+        transformers: refInfo.transformers,
+        threads: refInfo.threads,
+        pid: refInfo.pid,
+        loadMs: refInfo.loadMs,
+        warmupMs: refInfo.warmupMs,
+        memory: refMemory,
+      }
+    : { error: refError ?? 'not run (--reference off)' };
   const out = {
-    config: { ...cfg, cpu: os.cpus()[0]?.model, cpus: os.cpus().length, loadavg: os.loadavg() },
+    config: { ...cfg, cpu: os.cpus()[0]?.model, cpus: os.cpus().length, loadavg: os.loadavg(), gpu: refInfo?.device },
     ours: mine,
     diffusers: ref,
-    ratio_median: mine.median_ms / ref.median_ms,
+    ratio_median: reference ? mine.median_ms / ref.median_ms : null,
   };
-  console.log(`model ${cfg.model}, ${2 * cfg.batch} examples of ${cfg.resolution}px, ${cfg.threads} threads, ${mine.steps} + ${ref.steps} timed steps in ${rounds} alternating rounds`);
+  console.log(
+    `model ${cfg.model}, ${2 * cfg.batch} examples of ${cfg.resolution}px on ${cfg.device}, mixed precision ${cfg.mixedPrecision}, ` +
+      `${cfg.threads} threads, ${mine.steps} + ${ref.steps ?? 0} timed steps in ${rounds} alternating rounds`,
+  );
   console.log(`  ours      median ${mine.median_ms.toFixed(1)} ms/step (mean ${mine.mean_ms.toFixed(1)})`);
-  console.log(`  diffusers median ${ref.median_ms.toFixed(1)} ms/step (mean ${ref.mean_ms.toFixed(1)})`);
-  console.log(`  ratio ours/diffusers ${out.ratio_median.toFixed(3)}`);
+  if (reference) {
+    console.log(`  diffusers median ${ref.median_ms.toFixed(1)} ms/step (mean ${ref.mean_ms.toFixed(1)})`);
+    console.log(`  ratio ours/diffusers ${out.ratio_median.toFixed(3)}`);
+  } else {
+    console.log(`  diffusers: ${ref.error.split('\n').slice(-3).join(' ')}`);
+  }
+  const gb = (m) => (m && m.peakAllocatedBytes !== undefined ? `${(m.peakAllocatedBytes / 1e9).toFixed(2)} GB allocated, ${(m.peakReservedBytes / 1e9).toFixed(2)} GB reserved` : 'n/a');
+  if (String(cfg.device).startsWith('cuda')) console.log(`  peak memory: ours ${gb(mine.memory)}; diffusers ${gb(ref.memory)}`);
   if (cfg.json) fs.writeFileSync(cfg.json, JSON.stringify(out, null, 2) + '\n');
 }
 
