@@ -51,7 +51,7 @@ import { folderSize, replaceFolder, writePipelineFolder } from './folder';
 import { DiffusionPretrainer, VaePretrainer, modelTensors } from './trainer';
 
 export interface ToyVaePhaseOptions {
-  /** Optimizer steps (default 2500). */
+  /** Optimizer steps (default 1500). */
   steps?: number;
   /** Images per step (default 32). */
   batchSize?: number;
@@ -64,7 +64,7 @@ export interface ToyVaePhaseOptions {
 }
 
 export interface ToyUnetPhaseOptions {
-  /** Optimizer steps (default 12000; the feasibility run's held-out shape accuracy was still rising at 4.3k). */
+  /** Optimizer steps (default 9000; the feasibility run's held-out shape accuracy was still rising at 4.3k). */
   steps?: number;
   /** Examples per step (default 32). */
   batchSize?: number;
@@ -203,9 +203,9 @@ export async function pretrainToy(options: ToyPretrainOptions): Promise<ToyPretr
   const signal = options.signal;
   const vo = options.vae ?? {};
   const uo = options.unet ?? {};
-  const vaeSteps = positiveInt(vo.steps, 'vae.steps', 2500);
+  const vaeSteps = positiveInt(vo.steps, 'vae.steps', 1500);
   const vaeBatch = positiveInt(vo.batchSize, 'vae.batchSize', 32);
-  const unetSteps = positiveInt(uo.steps, 'unet.steps', 12000);
+  const unetSteps = positiveInt(uo.steps, 'unet.steps', 9000);
   const unetBatch = positiveInt(uo.batchSize, 'unet.batchSize', 32);
   const cacheImages = positiveInt(options.cacheImages, 'cacheImages', 20000);
   const scaleImages = positiveInt(options.scaleImages, 'scaleImages', 1024);
