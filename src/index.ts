@@ -107,3 +107,4 @@ export {
 export * from './sample';
 export * from './toy';
 export * from './demo';
+export * from './pretrain';
