@@ -356,19 +356,33 @@ async function main() {
   for (let r = 0; r < cfg.rounds; r++) {
     if (cfg.method === 'callbacks') {
       mine.push(...(await ours.callbacks()));
-      if (ref) theirs.push(...(await ref.callbacks()));
+      if (ref) {
+        try {
+          theirs.push(...(await ref.callbacks()));
+        } catch (e) {
+          refError = String(e.message || e);
+          ref = null;
+          theirs.length = 0;
+        }
+      }
       console.log(`round ${r + 1}: ours ${median(mine).toFixed(1)} ms${ref ? `, diffusers ${median(theirs).toFixed(1)} ms` : ''} per step`);
     } else {
       mine.push(await ours.call(cfg.steps));
       mineShort.push(await ours.call(cfg.shortSteps));
       if (ref) {
-        theirs.push(await ref.call(cfg.steps));
-        theirsShort.push(await ref.call(cfg.shortSteps));
+        try {
+          theirs.push(await ref.call(cfg.steps));
+          theirsShort.push(await ref.call(cfg.shortSteps));
+        } catch (e) {
+          refError = String(e.message || e);
+          ref = null;
+          theirs.length = theirsShort.length = 0;
+        }
       }
       console.log(`round ${r + 1}: ${cfg.steps}-step call ours ${median(mine).toFixed(1)} ms${ref ? `, diffusers ${median(theirs).toFixed(1)} ms` : ''}`);
     }
   }
-  const refMemory = ref ? await ref.memory() : null;
+  const refMemory = ref ? await ref.memory().catch(() => null) : null;
   if (ref) ref.stop();
   const perStep = (long, short) =>
     cfg.method === 'calls' ? (median(long) - median(short)) / (cfg.steps - cfg.shortSteps) : median(long);
@@ -403,8 +417,20 @@ async function main() {
     `denoising step: ours ${oursStepMs.toFixed(1)} ms (${result.oursItPerSec.toFixed(2)} it/s)` +
       (ref ? `, diffusers ${diffusersStepMs.toFixed(1)} ms (${result.diffusersItPerSec.toFixed(2)} it/s), ratio ${result.ratio.toFixed(3)} (ours/diffusers)` : `; diffusers: ${String(refError || 'off').split('\n').slice(-2).join(' ')}`),
   );
+  result.oursMemory = ours.memory();
+  // The main figures are on disk before the concept parts run (a failure there keeps them).
+  if (cfg.json) fs.writeFileSync(cfg.json, JSON.stringify(result, null, 2) + '\n');
+  let switched = null;
   if (cfg.switch === 'on' || cfg.mixed === 'on') {
-    const { out: sw, a, b } = await switchTimes(cfg, ours);
+    try {
+      switched = await switchTimes(cfg, ours);
+    } catch (e) {
+      result.conceptSwitch = { error: String((e && e.stack) || e).split('\n').slice(0, 4).join(' | ') };
+      console.log(`concept switch failed: ${result.conceptSwitch.error}`);
+    }
+  }
+  if (switched) {
+    const { out: sw, a, b } = switched;
     result.conceptSwitch = sw;
     console.log(
       `concept switch (${sw.layers} K/V layers, ${sw.deltaMB.toFixed(1)} MB): extra context time ${sw.switchExtraMs.toFixed(1)} ms ` +
@@ -412,15 +438,20 @@ async function main() {
         (sw.generateSwitchExtraMs !== undefined ? `; a ${sw.generateSteps}-step call with another concept costs ${sw.generateSwitchExtraMs.toFixed(1)} ms more than one without` : ''),
     );
     if (cfg.mixed === 'on') {
-      const m = await mixedThroughput(cfg, ours, a, b);
-      result.mixedConcepts = m;
-      console.log(
-        `mixed-concept batch of ${m.images} (2 concepts, ${m.steps} steps): ${m.mixedImagesPerSec.toFixed(2)} images/s, ` +
-          `${m.mixedVsSeparateSpeedup.toFixed(2)}× separate calls (${m.separateImagesPerSec.toFixed(2)}), ${m.mixedVsUniformCost.toFixed(2)}× the time of a one-concept batch`,
-      );
+      try {
+        const m = await mixedThroughput(cfg, ours, a, b);
+        result.mixedConcepts = m;
+        console.log(
+          `mixed-concept batch of ${m.images} (2 concepts, ${m.steps} steps): ${m.mixedImagesPerSec.toFixed(2)} images/s, ` +
+            `${m.mixedVsSeparateSpeedup.toFixed(2)}× separate calls (${m.separateImagesPerSec.toFixed(2)}), ${m.mixedVsUniformCost.toFixed(2)}× the time of a one-concept batch`,
+        );
+      } catch (e) {
+        result.mixedConcepts = { error: String((e && e.stack) || e).split('\n').slice(0, 4).join(' | ') };
+        console.log(`mixed-concept batch failed: ${result.mixedConcepts.error}`);
+      }
     }
   }
-  result.oursMemory = ours.memory();
+  if (cfg.mixed === 'on') result.oursMemoryAfterMixed = ours.memory();
   if (cfg.json) fs.writeFileSync(cfg.json, JSON.stringify(result, null, 2) + '\n');
   ours.sd.dispose();
 }

@@ -300,9 +300,15 @@ async function main() {
   for (let r = 0; r < rounds; r++) {
     oursTimes.push(...(await ours.run(per)));
     if (reference) {
-      const got = await reference.run(per);
-      refTimes.push(...got.times);
-      refMemory = got.memory;
+      try {
+        const got = await reference.run(per);
+        refTimes.push(...got.times);
+        refMemory = got.memory;
+      } catch (e) {
+        // e.g. out of memory: keep our figures, say why the reference has none.
+        refError = String(e.message || e);
+        reference = null;
+      }
     }
   }
   if (reference) reference.stop();

@@ -119,7 +119,7 @@ def main() -> None:
         randomize_(m, a.seed * 10 + i)
         params[comp] = sum(p.numel() for p in m.parameters())
         d = os.path.join(out, comp)
-        m.to(torch.float16).save_pretrained(d, safe_serialization=True)
+        m.to(device="cpu", dtype=torch.float16).save_pretrained(d, safe_serialization=True)
         if comp == "text_encoder":
             for f in os.listdir(d):
                 if f.endswith(".safetensors"):

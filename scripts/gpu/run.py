@@ -240,57 +240,87 @@ class Run:
 
         return done
 
-    def build_section(self) -> None:
+    INFO_JS = (
+        "const n = require('./lib/native'); const a = n.loadAddon(); const i = a.binding.info();"
+        "console.log('JSON ' + JSON.stringify({file: a.file, identity: i.libtorchIdentity, builtWithCuda: i.builtWithCuda,"
+        " cudaAvailable: i.cudaAvailable, cudnnAvailable: i.cudnnAvailable, devices: i.cudaDevices,"
+        " cudaMemoryStats: typeof a.binding.cudaMemoryStats === 'function'}))"
+    )
+
+    def probe_addon(self, addon: str | None) -> tuple[dict | None, str]:
+        """Loads an addon (None: the loader's own choice) in a child; returns (its info() or None, output)."""
+        env = dict(self.env)
+        env.pop("CUSTOM_DIFFUSION_ADDON", None)
+        if addon:
+            env["CUSTOM_DIFFUSION_ADDON"] = os.path.abspath(addon)
+        code, out = self.call(["node", "-e", self.INFO_JS], 60, env)
+        info = last_json(out, prefix="JSON ")
+        return (info if code == 0 and info else None), out
+
+    def usable(self, info: dict | None) -> bool:
+        return bool(info) and (not self.a.device.startswith("cuda") or bool(info.get("cudaAvailable")))
+
+    def prebuilt_for_this_machine(self) -> str | None:
+        """The pack's prebuilt addon when it was built for exactly this machine's LibTorch."""
+        f = self.a.prebuilt_addon
+        if not f or not os.path.isfile(f):
+            return None
+        try:
+            with open(f[: -len(".node")] + ".libtorch.json", encoding="utf-8") as fh:
+                built_for = json.load(fh).get("identity")
+        except Exception:  # noqa: BLE001
+            built_for = None
+        here = ((self.results.get("machine") or {}).get("libtorch") or {}).get("identity")
+        self.results["mode"]["prebuilt"] = {"file": f, "builtFor": built_for, "machine": here}
+        return f if built_for and built_for == here else None
+
+    def start_build(self):
+        """Starts compiling the addon (it runs while the model is made, and parity on a prebuilt addon).
+        Returns a finisher that records the build section and returns the built addon's path or None."""
         t = now()
-        if self.a.addon and self.a.device.startswith("cuda") and not self.addon_loads(self.a.addon):
-            self.say(f"the given addon {self.a.addon} does not load here: building from source")
-            self.results["mode"]["prebuiltRefused"] = self.a.addon
-            self.a.addon = None
-            self.a.build_dir = self.a.build_dir or os.path.join(ROOT, "build-gpu")
-        if self.a.addon:
-            self.env["CUSTOM_DIFFUSION_ADDON"] = os.path.abspath(self.a.addon)
-            data = {"from": "given", "addon": self.env["CUSTOM_DIFFUSION_ADDON"]}
-        elif self.a.build_dir:
-            limit = self.budget_for(420, 60)
-            if limit is None:
-                self.skip("build", "budget")
-                return
-            build = os.path.abspath(self.a.build_dir)
-            code, out = self.call(["bash", os.path.join(HERE, "build-addon.sh"), build, str(self.a.jobs)], limit)
+        limit = self.budget_for(420, 60)
+        if limit is None:
+            self.skip("build", "budget")
+            return lambda: None
+        build = os.path.abspath(self.a.build_dir)
+        p = self.start(["bash", os.path.join(HERE, "build-addon.sh"), build, str(self.a.jobs)])
+        end = now() + limit
+
+        def done():
+            code, out = self.finish(p, end - now())
             addon = os.path.join(build, "custom_diffusion.node")
             if code != 0 or not os.path.isfile(addon):
                 self.section("build", "timeout" if code is None else "error", now() - t, error=tail(out))
-                return
-            self.env["CUSTOM_DIFFUSION_ADDON"] = addon
+                return None
             data = {"from": "source", "addon": addon, "jobs": self.a.jobs, "compileSeconds": round(now() - t, 1)}
-        else:
-            data = {"from": "existing (the loader's choice: build/Release or a prebuild)"}
-        code, out = self.call(
-            [
-                "node",
-                "-e",
-                "const n = require('./lib/native'); const a = n.loadAddon(); const i = a.binding.info();"
-                "console.log('JSON ' + JSON.stringify({file: a.file, identity: i.libtorchIdentity, builtWithCuda: i.builtWithCuda,"
-                " cudaAvailable: i.cudaAvailable, cudnnAvailable: i.cudnnAvailable, devices: i.cudaDevices,"
-                " cudaMemoryStats: typeof a.binding.cudaMemoryStats === 'function'}))",
-            ],
-            60,
-        )
-        info = last_json(out, prefix="JSON ")
-        if code != 0 or not info:
-            self.section("build", "error", now() - t, data, error="the addon does not load: " + tail(out))
-            return
-        data["loaded"] = info
-        status = "ok"
-        if self.a.device.startswith("cuda") and not info.get("cudaAvailable"):
-            status = "error"
-            data["problem"] = "the addon loaded but sees no CUDA"
-        self.section("build", status, now() - t, data)
+            info, pout = self.probe_addon(addon)
+            data["loaded"] = info
+            if not self.usable(info):
+                self.section("build", "error", now() - t, data, error="the built addon does not load or sees no CUDA: " + tail(pout))
+                return None
+            self.section("build", "ok", now() - t, data)
+            return addon
 
-    def addon_loads(self, addon: str) -> bool:
-        env = dict(self.env, CUSTOM_DIFFUSION_ADDON=os.path.abspath(addon))
-        code, _ = self.call(["node", "-e", "require('./lib/native').loadAddon()"], 60, env)
-        return code == 0
+        return done
+
+    def use_addon(self, addon: str | None) -> None:
+        if addon:
+            self.env["CUSTOM_DIFFUSION_ADDON"] = os.path.abspath(addon)
+        else:
+            self.env.pop("CUSTOM_DIFFUSION_ADDON", None)
+        self.results["mode"]["addon"] = addon or "the loader's choice"
+
+    def parity_section(self, dev: str, cuda: bool, small: bool, addon_label) -> None:
+        configs = "sd1" if small and not cuda else "sd1,sd2"
+        sec = self.node_section(
+            "parity",
+            ["node", "scripts/gpu/parity.js", "--device", dev, "--dtypes", "float32,float16,bfloat16", "--configs", configs],
+            cap=240,
+            need=20,
+        )
+        if sec is not None:
+            sec["addon"] = addon_label
+            self.write()
 
     def node_section(self, name: str, cmd: list[str], cap: float, need: float, sampler: bool = False) -> dict | None:
         t = now()
@@ -326,14 +356,47 @@ class Run:
         try:
             if "env" in want or a.device == "auto":
                 self.env_section()
+            root = ((self.results.get("machine") or {}).get("libtorch") or {}).get("root")
+            if root:
+                # An addon built elsewhere has a run path to that machine's LibTorch: this one's first.
+                lib_dir = os.path.join(root, "lib")
+                self.env["LD_LIBRARY_PATH"] = lib_dir + (":" + self.env["LD_LIBRARY_PATH"] if self.env.get("LD_LIBRARY_PATH") else "")
             cuda = a.device.startswith("cuda")
             if cuda and not a.addon and not a.build_dir:
                 a.build_dir = os.path.join(ROOT, "build-gpu")
-            finish_model = self.start_model() if "model" in want else (lambda: None)
-            if "build" in want:
-                self.build_section()
+            # The addon: given (--addon), or compiled here (on CUDA by default) while the model is made
+            # and the parity suite runs on the pack's prebuilt addon when that fits this LibTorch.
+            finish_build = None
+            parity_done = False
+            dev = "cuda" if cuda else "cpu"
+            if a.addon:
+                t = now()
+                info, out = self.probe_addon(a.addon)
+                self.use_addon(a.addon)
+                self.section("build", "ok" if self.usable(info) else "error", now() - t, {"from": "given", "addon": a.addon, "loaded": info},
+                             **({} if self.usable(info) else {"error": "the given addon does not load or sees no CUDA: " + tail(out)}))
+            elif "build" in want and a.build_dir:
+                finish_build = self.start_build()
             else:
-                self.skip("build", "not asked for")
+                t = now()
+                info, out = self.probe_addon(None)
+                self.section("build", "skipped" if self.usable(info) else "error", now() - t,
+                             {"from": "existing (the loader's choice: build/Release or a prebuild)", "loaded": info},
+                             **({"reason": "not asked for; using the existing addon"} if self.usable(info) else {"error": tail(out)}))
+            finish_model = self.start_model() if "model" in want else (lambda: None)
+            if finish_build is not None:
+                prebuilt = self.prebuilt_for_this_machine()
+                if prebuilt and self.usable(self.probe_addon(prebuilt)[0]):
+                    self.use_addon(prebuilt)
+                    if "parity" in want:
+                        self.parity_section(dev, cuda, a.tiny or not cuda, addon_label="prebuilt (built elsewhere for this LibTorch)")
+                        parity_done = True
+                built = finish_build()
+                if built:
+                    self.use_addon(built)
+                elif prebuilt:
+                    self.say("the source build failed: the benchmarks use the prebuilt addon")
+                    self.use_addon(prebuilt)
             finish_model()
             model = self.model or FIXTURE
             fixture = self.model is None
@@ -344,15 +407,9 @@ class Run:
                 res, size = 32, 32
             else:
                 res, size = (64, 64) if small else (512, 512)
-            dev = "cuda" if cuda else "cpu"
             threads = "1" if not cuda else "2"
-            if "parity" in want:
-                self.node_section(
-                    "parity",
-                    ["node", "scripts/gpu/parity.js", "--device", dev, "--dtypes", "float32,float16,bfloat16", "--configs", "sd1" if small and not cuda else "sd1,sd2"],
-                    cap=240,
-                    need=20,
-                )
+            if "parity" in want and not parity_done:
+                self.parity_section(dev, cuda, small, addon_label=self.results["mode"].get("addon"))
             if "train" in want:
                 steps = ["--warmup", "1", "--steps", "2", "--rounds", "1"] if small else ["--warmup", "3", "--steps", "12", "--rounds", "3"]
                 self.node_section(
@@ -612,7 +669,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="reduced-width model and a few steps (a test of the scripts)")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
     ap.add_argument("--build-dir", default=None, help="compile the addon here (default: use the loader's addon)")
-    ap.add_argument("--addon", default=None, help="use this compiled addon")
+    ap.add_argument("--addon", default=None, help="use this compiled addon (no build)")
+    ap.add_argument("--prebuilt-addon", default=None, help="an addon built elsewhere: parity runs on it while the build runs, and it stands in if the build fails")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--sections", default="env,build,model,parity,train,sample")
     a = ap.parse_args()

@@ -7,11 +7,13 @@
 #    the machine has no `node`, or with --pack-node), the runtime node_modules and the compiled
 #    TypeScript (lib/) where the checkout has none, and the pure-Python diffusers (always, put first
 #    on PYTHONPATH so the reference is the pinned version). Without a pack it uses what is installed.
-# 2. Hands over to scripts/gpu/run.py, which builds the addon against this machine's LibTorch (on
-#    CUDA; --prebuilt uses the pack's addon instead when it was built for the same LibTorch), makes
-#    a random-weight SD1.5 model on the device, runs the parity suite in float32/float16/bfloat16 and
-#    the training and sampling benchmarks against diffusers, under one time budget, writing
-#    gpu-run.json, gpu-run.md and run.log into --out (default $OUT/results, else ./gpu-out).
+# 2. Hands over to scripts/gpu/run.py, which compiles the addon against this machine's LibTorch (on
+#    CUDA) while it makes a random-weight SD1.5 model on the device and, when the pack holds an addon
+#    built for this very LibTorch, runs the parity suite (float32/float16/bfloat16) on that one
+#    meanwhile; then the training and sampling benchmarks against diffusers, on the addon compiled
+#    here (the prebuilt one stands in if the compile fails). --prebuilt skips the compile. One time
+#    budget; gpu-run.json, gpu-run.md and run.log are written into --out (default $OUT/results,
+#    else ./gpu-out) after every section.
 #
 # On a CPU: `bash scripts/gpu/run.sh --device cpu --tiny --budget 240` runs every section with a
 # reduced-width model (what test/build/gpu-script.test.ts does).
@@ -67,12 +69,10 @@ if [ -d "$pack" ]; then
     fi
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  if [ "$prebuilt" = 1 ] && [ -f "$pack/addon/custom_diffusion.node" ]; then
-    # Built elsewhere against the same LibTorch release; its run path points at that machine's copy,
-    # so this machine's LibTorch is put on the library path.
-    libdir="$(node scripts/find-libtorch.js --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["libDir"])' 2>/dev/null || true)"
-    [ -n "$libdir" ] && export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    pass+=(--addon "$pack/addon/custom_diffusion.node")
+  if [ -f "$pack/addon/custom_diffusion.node" ]; then
+    # Built elsewhere against the same LibTorch release (run.py checks its record against this
+    # machine's LibTorch and puts this machine's LibTorch on the library path).
+    if [ "$prebuilt" = 1 ]; then pass+=(--addon "$pack/addon/custom_diffusion.node"); else pass+=(--prebuilt-addon "$pack/addon/custom_diffusion.node"); fi
   fi
   say "unpacked"
 fi
