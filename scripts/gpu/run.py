@@ -441,6 +441,8 @@ class Run:
             self.results["finishedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.results.setdefault("summary", summarize(self.results))
             self.write()
+            # The table on stdout too: the device tool's reply shows the end of the output.
+            print("\n" + render_markdown(self.results), flush=True)
             self.say(f"results: {os.path.join(self.out, 'gpu-run.json')} ({self.results['status']})")
 
 
@@ -596,7 +598,7 @@ def render_markdown(r: dict) -> str:
         "# custom-diffusion GPU check",
         "",
         f"- status: **{r.get('status')}**, {r.get('elapsedSeconds')} s of a {r['mode'].get('budgetSeconds')} s budget; started {r.get('startedAt')}",
-        f"- device: {m.get('gpu') or r['mode'].get('device')} ({m.get('nvidiaSmi', '')}); torch {m.get('torch')} (CUDA {m.get('torchCuda')}), "
+        f"- device: {m.get('gpu') or r['mode'].get('device')}{' (' + m['nvidiaSmi'] + ')' if m.get('nvidiaSmi') else ''}; torch {m.get('torch')} (CUDA {m.get('torchCuda')}), "
         f"diffusers {m.get('diffusers')}, transformers {m.get('transformers')}, Node {m.get('node')}",
         f"- commit: {(r.get('git') or {}).get('commit')}{' (with local changes)' if (r.get('git') or {}).get('dirty') else ''}; model: {r['mode'].get('model')}",
     ]
