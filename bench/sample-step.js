@@ -196,7 +196,12 @@ async function setupOurs(cfg) {
   const memory = () => {
     if (!String(cfg.device).startsWith('cuda')) return null;
     const fn = native().cudaMemoryStats;
-    return typeof fn === 'function' ? fn(0) : { unavailable: 'this addon has no cudaMemoryStats (rebuild it)' };
+    if (typeof fn !== 'function') return { unavailable: 'this addon has no cudaMemoryStats (rebuild it)' };
+    try {
+      return fn(0);
+    } catch (e) {
+      return { unavailable: String(e.message || e) };
+    }
   };
   return { sd, cd, callbacks, call, options, memory, loadMs, threads: cd.getNumThreads() };
 }

@@ -250,7 +250,11 @@ async function setupOurs(cfg) {
     const fn = native().cudaMemoryStats;
     if (!String(cfg.device).startsWith('cuda')) return null;
     if (typeof fn !== 'function') return { unavailable: 'this addon has no cudaMemoryStats (rebuild it)' };
-    return fn(0);
+    try {
+      return fn(0);
+    } catch (e) {
+      return { unavailable: String(e.message || e) };
+    }
   };
   return {
     threads: cd.getNumThreads(),

@@ -274,14 +274,15 @@ class Run:
         self.results["mode"]["prebuilt"] = {"file": f, "builtFor": built_for, "machine": here}
         return f if built_for and built_for == here else None
 
-    def start_build(self):
+    def start_build(self, cap: float):
         """Starts compiling the addon (it runs while the model is made, and parity on a prebuilt addon).
         Returns a finisher that records the build section and returns the built addon's path or None."""
         t = now()
-        limit = self.budget_for(420, 60)
+        limit = self.budget_for(cap, 60)
         if limit is None:
             self.skip("build", "budget")
             return lambda: None
+        self.say(f"compiling the addon ({self.a.jobs} jobs, at most {limit:.0f}s)")
         build = os.path.abspath(self.a.build_dir)
         p = self.start(["bash", os.path.join(HERE, "build-addon.sh"), build, str(self.a.jobs)])
         end = now() + limit
@@ -367,6 +368,7 @@ class Run:
             # The addon: given (--addon), or compiled here (on CUDA by default) while the model is made
             # and the parity suite runs on the pack's prebuilt addon when that fits this LibTorch.
             finish_build = None
+            prebuilt = None
             parity_done = False
             dev = "cuda" if cuda else "cpu"
             if a.addon:
@@ -376,7 +378,14 @@ class Run:
                 self.section("build", "ok" if self.usable(info) else "error", now() - t, {"from": "given", "addon": a.addon, "loaded": info},
                              **({} if self.usable(info) else {"error": "the given addon does not load or sees no CUDA: " + tail(out)}))
             elif "build" in want and a.build_dir:
-                finish_build = self.start_build()
+                # A prebuilt addon for this very LibTorch lets the compile run beside the parity suite,
+                # and shortens the compile's time limit (it stands in if the compile fails).
+                prebuilt = self.prebuilt_for_this_machine()
+                if prebuilt and not self.usable(self.probe_addon(prebuilt)[0]):
+                    self.say(f"the prebuilt addon {prebuilt} does not load here")
+                    self.results["mode"]["prebuilt"]["loads"] = False
+                    prebuilt = None
+                finish_build = self.start_build(240 if prebuilt else 360)
             else:
                 t = now()
                 info, out = self.probe_addon(None)
@@ -385,8 +394,7 @@ class Run:
                              **({"reason": "not asked for; using the existing addon"} if self.usable(info) else {"error": tail(out)}))
             finish_model = self.start_model() if "model" in want else (lambda: None)
             if finish_build is not None:
-                prebuilt = self.prebuilt_for_this_machine()
-                if prebuilt and self.usable(self.probe_addon(prebuilt)[0]):
+                if prebuilt:
                     self.use_addon(prebuilt)
                     if "parity" in want:
                         self.parity_section(dev, cuda, a.tiny or not cuda, addon_label="prebuilt (built elsewhere for this LibTorch)")
