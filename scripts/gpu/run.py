@@ -429,7 +429,7 @@ class Run:
                     sampler=True,
                 )
             if "sample" in want:
-                steps = ["--steps", "4", "--short-steps", "2", "--rounds", "1", "--mixed-batch", "2"] if small else ["--steps", "50", "--short-steps", "10", "--rounds", "3", "--mixed-batch", "4"]
+                steps = ["--steps", "6", "--short-steps", "2", "--rounds", "2", "--mixed-batch", "2"] if small else ["--steps", "50", "--short-steps", "10", "--rounds", "3", "--mixed-batch", "4"]
                 self.node_section(
                     "sample",
                     ["node", "bench/sample-step.js", "--model", model, "--device", dev, "--dtype", "float16", "--size", str(size), "--method", "calls",
