@@ -26,7 +26,7 @@
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
-const { spawn } = require('child_process');
+const { parseOptions, startPython, median } = require('./common');
 
 const root = path.resolve(__dirname, '..');
 const lib = process.env.CUSTOM_DIFFUSION_LIB || path.join(root, 'lib');
@@ -50,13 +50,7 @@ function args() {
     'mixed-batch': 4,
     reference: 'on',
   };
-  const argv = process.argv.slice(2);
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i].replace(/^--/, '');
-    if (!(k in a)) throw new Error(`unknown option ${argv[i]}`);
-    const v = argv[++i];
-    a[k] = typeof a[k] === 'number' ? Number(v) : v;
-  }
+  Object.assign(a, parseOptions(a));
   a.shortSteps = a['short-steps'];
   a.mixedBatch = a['mixed-batch'];
   delete a['short-steps'];
@@ -119,41 +113,14 @@ for line in sys.stdin:
 `;
 
 function startReference(cfg) {
-  const child = spawn(process.env.PYTHON || 'python3', ['-c', PY, JSON.stringify(cfg)], {
-    env: { ...process.env, OMP_NUM_THREADS: String(cfg.threads) },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  let buf = '';
-  let err = '';
-  const waiters = [];
-  child.stdout.on('data', (d) => {
-    buf += d;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i);
-      buf = buf.slice(i + 1);
-      const w = waiters.shift();
-      if (w) w.resolve(JSON.parse(line));
-    }
-  });
-  child.stderr.on('data', (d) => (err += d));
-  child.on('exit', (code) => {
-    for (const w of waiters.splice(0)) w.reject(new Error(`reference exited (${code}):\n${err}`));
-  });
-  const next = () => new Promise((resolve, reject) => waiters.push({ resolve, reject }));
-  const ask = (cmd) => {
-    const p = next();
-    child.stdin.write(JSON.stringify(cmd) + '\n');
-    return p;
-  };
+  const py = startPython(PY, cfg);
+  const ask = (cmd) => py.send(JSON.stringify(cmd));
   return {
-    ready: next(),
+    ready: py.ready,
     callbacks: () => ask({ op: 'callbacks' }),
     call: (steps) => ask({ op: 'call', steps }),
     memory: () => ask({ op: 'memory' }),
-    stop() {
-      child.stdin.end(JSON.stringify({ op: 'stop' }) + '\n');
-    },
+    stop: () => py.end(JSON.stringify({ op: 'stop' })),
   };
 }
 
@@ -328,11 +295,6 @@ async function mixedThroughput(cfg, ours, a, b) {
     mixedVsSeparateSpeedup: median(separate) / median(mixed),
     mixedVsUniformCost: median(mixed) / median(uniform),
   };
-}
-
-function median(xs) {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
 async function main() {

@@ -10,20 +10,13 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const sharp = require('sharp');
+const { parseOptions, median } = require('./common');
 
 const root = path.resolve(__dirname, '..');
 const lib = process.env.CUSTOM_DIFFUSION_LIB || path.join(root, 'lib');
 
 function args() {
-  const a = { steps: 500, json: null };
-  const argv = process.argv.slice(2);
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i].replace(/^--/, '');
-    if (!(k in a)) throw new Error(`unknown option ${argv[i]}`);
-    const v = argv[++i];
-    a[k] = typeof a[k] === 'number' ? Number(v) : v;
-  }
-  return a;
+  return parseOptions({ steps: 500, json: null });
 }
 
 async function writePattern(file, w, h, seed) {
@@ -37,11 +30,6 @@ async function writePattern(file, w, h, seed) {
     }
   fs.mkdirSync(path.dirname(file), { recursive: true });
   await sharp(buf, { raw: { width: w, height: h, channels: 3 } }).png().toFile(file);
-}
-
-function median(xs) {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
 }
 
 function slope(ys) {

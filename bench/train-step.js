@@ -25,7 +25,7 @@
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
-const { spawn } = require('child_process');
+const { parseOptions, startPython } = require('./common');
 
 const root = path.resolve(__dirname, '..');
 // The compiled library (npm run build:ts); CUSTOM_DIFFUSION_LIB points elsewhere (a private build).
@@ -45,13 +45,7 @@ function args() {
     'mixed-precision': 'no',
     reference: 'on',
   };
-  const argv = process.argv.slice(2);
-  for (let i = 0; i < argv.length; i++) {
-    const k = argv[i].replace(/^--/, '');
-    if (!(k in a)) throw new Error(`unknown option ${argv[i]}`);
-    const v = argv[++i];
-    a[k] = typeof a[k] === 'number' ? Number(v) : v;
-  }
+  Object.assign(a, parseOptions(a));
   a.mixedPrecision = a['mixed-precision'];
   delete a['mixed-precision'];
   if (!['no', 'bf16', 'fp16'].includes(a.mixedPrecision)) throw new Error(`--mixed-precision must be no, bf16 or fp16`);
@@ -164,39 +158,8 @@ for line in sys.stdin:
 
 /** The reference in a child process that stays up, so its rounds can alternate with ours. */
 function startReference(cfg) {
-  const child = spawn(process.env.PYTHON || 'python3', ['-c', PY, JSON.stringify(cfg)], {
-    env: { ...process.env, OMP_NUM_THREADS: String(cfg.threads) },
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  let buf = '';
-  let err = '';
-  const waiters = [];
-  child.stdout.on('data', (d) => {
-    buf += d;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, i);
-      buf = buf.slice(i + 1);
-      const w = waiters.shift();
-      if (w) w.resolve(JSON.parse(line));
-    }
-  });
-  child.stderr.on('data', (d) => (err += d));
-  child.on('exit', (code) => {
-    for (const w of waiters.splice(0)) w.reject(new Error(`reference exited (${code}):\n${err}`));
-  });
-  const next = () => new Promise((resolve, reject) => waiters.push({ resolve, reject }));
-  return {
-    ready: next(),
-    async run(n) {
-      const p = next();
-      child.stdin.write(`${n}\n`);
-      return p;
-    },
-    stop() {
-      child.stdin.end('0\n');
-    },
-  };
+  const py = startPython(PY, cfg);
+  return { ready: py.ready, run: (n) => py.send(String(n)), stop: () => py.end('0') };
 }
 
 async function setupOurs(cfg) {
