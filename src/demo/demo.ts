@@ -94,7 +94,7 @@ export interface DemoOptions {
   outDir: string;
   /** Replace the demo's earlier outputs in `outDir` (default false: a non-empty folder is an error). */
   overwrite?: boolean;
-  /** Optimizer steps per concept (default 400). */
+  /** Optimizer steps per concept (default 600). */
   steps?: number;
   /** Learning rate of the K/V weights and the token (default 1e-3, not scaled). */
   learningRate?: number;
@@ -328,7 +328,7 @@ const signedPts = (x: number): string => (Number.isFinite(x) ? `${x >= 0 ? '+' :
 export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   if (!options || typeof options.outDir !== 'string' || options.outDir === '') throw new InvalidArgumentError('runDemo needs outDir');
   const t0 = Date.now();
-  const steps = positiveInt(options.steps, 'steps', 400, 0);
+  const steps = positiveInt(options.steps, 'steps', 600, 0);
   const learningRate = positiveNumber(options.learningRate, 'learningRate', 1e-3);
   const batchSize = positiveInt(options.batchSize, 'batchSize', 2);
   const seed = positiveInt(options.seed, 'seed', 0, 0);
@@ -464,8 +464,15 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       await saveImage(doubled(img), f, { overwrite: true });
       classFiles.push(f);
     }
-    fs.writeFileSync(path.join(classDir, 'images.txt'), classFiles.map((f) => f + '\n').join(''));
-    fs.writeFileSync(path.join(classDir, 'caption.txt'), classCaptions.map((c) => c + '\n').join(''));
+    // The base model learnt classifier-free guidance from 10% empty captions, and every guided step
+    // mixes in its unconditional prediction (×(1 − guidance)): left alone, K/V fine-tuning drifts it
+    // and guidance amplifies the drift into every prompt. So the first half of the class images are
+    // listed once more with an empty caption: prior preservation keeps the unconditional prediction too.
+    const nEmpty = Math.ceil(nClass / 2);
+    const listed = [...classFiles, ...classFiles.slice(0, nEmpty)];
+    const listedCaptions = [...classCaptions, ...classFiles.slice(0, nEmpty).map(() => '')];
+    fs.writeFileSync(path.join(classDir, 'images.txt'), listed.map((f) => f + '\n').join(''));
+    fs.writeFileSync(path.join(classDir, 'caption.txt'), listedCaptions.map((c) => c + '\n').join(''));
     files.classImages = classDir;
     end();
 
@@ -499,7 +506,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
           },
         ],
         withPriorPreservation: true,
-        numClassImages: nClass,
+        numClassImages: nClass + Math.ceil(nClass / 2),
         resolution: 32,
         // No flips: the split disc is white on its left half; the world's own variety of sizes
         // and places replaces the scale augmentation (which would add "zoomed in" / "very small",
