@@ -106,7 +106,13 @@ describe('runDemo', () => {
     expect(Object.values(captions).every((c) => /^a <new1> emblem on a (green|blue|white|black) background$/.test(c))).toBe(true);
     const badge = JSON.parse(fs.readFileSync(path.join(out, 'data', 'split-disc-captions.json'), 'utf8')) as Record<string, string>;
     expect(Object.values(badge).every((c) => /^a <new1> badge on a (red|green|yellow|black) background$/.test(c))).toBe(true);
-    expect(fs.readFileSync(path.join(f.classImages, 'caption.txt'), 'utf8').trim().split('\n')).toHaveLength(2);
+    // Two class images with their captions, the first once more with an empty caption (the unconditional prediction).
+    const listed = fs.readFileSync(path.join(f.classImages, 'images.txt'), 'utf8').split('\n');
+    const captionLines = fs.readFileSync(path.join(f.classImages, 'caption.txt'), 'utf8').split('\n');
+    expect(listed).toHaveLength(4);
+    expect(listed[2]).toBe(listed[0]);
+    expect(captionLines.slice(0, 2).every((c) => /^a (small|large) \w+ (circle|square|triangle) on a \w+ background$/.test(c))).toBe(true);
+    expect(captionLines.slice(2)).toEqual(['', '']);
     expect(fs.readdirSync(f.grids).filter((n) => n.endsWith('.png'))).toHaveLength(15);
     expect(JSON.parse(fs.readFileSync(result.metricsPath, 'utf8'))).toEqual(JSON.parse(JSON.stringify(result.metrics)));
   });
