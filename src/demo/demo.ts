@@ -51,23 +51,16 @@ import { renderReportHtml, upscaleImage, type ReportFigure, type ReportTable } f
 /** The repository (or installed package) root: lib/demo and src/demo both sit two levels below it. */
 const PACKAGE_ROOT = path.resolve(__dirname, '..', '..');
 
-/** Where the embedded demo model lives: `<package>/models/toy-sd` (a diffusers folder). */
-export const DEMO_MODEL_DIR = path.join(PACKAGE_ROOT, 'models', 'toy-sd');
-
-/** Also accepted when {@link DEMO_MODEL_DIR} is absent: where `npm run pretrain:toy` writes by default. */
-const PRETRAIN_DEFAULT_DIR = path.join(PACKAGE_ROOT, 'models', 'toy');
+/** Where the embedded demo model lives, and where `npm run pretrain:toy` writes it: `<package>/models/toy`. */
+export const DEMO_MODEL_DIR = path.join(PACKAGE_ROOT, 'models', 'toy');
 
 const isModelFolder = (dir: string): boolean => fs.existsSync(path.join(dir, 'model_index.json'));
 
 /**
- * The demo's model folder: `model` when given, else the embedded one ({@link DEMO_MODEL_DIR}, or
- * `models/toy` where `npm run pretrain:toy` writes by default). Throws a FileError that says how to
- * make the model when the folder (or its model_index.json) is missing.
+ * The demo's model folder: `model` when given, else the embedded one ({@link DEMO_MODEL_DIR}). Throws
+ * a FileError that says how to make the model when the folder (or its model_index.json) is missing.
  */
 export function resolveDemoModel(model?: string): string {
-  if (model === undefined) {
-    for (const dir of [DEMO_MODEL_DIR, PRETRAIN_DEFAULT_DIR]) if (isModelFolder(dir)) return dir;
-  }
   const dir = path.resolve(model ?? DEMO_MODEL_DIR);
   if (!isModelFolder(dir)) {
     const what = model === undefined ? 'The embedded demo model' : 'The demo model';

@@ -152,7 +152,7 @@ describe('runDemo', () => {
 
 describe('the demo model', () => {
   it('is the embedded folder by default, and a missing one is a clear error', () => {
-    expect(DEMO_MODEL_DIR).toBe(path.join(path.resolve(__dirname, '..', '..'), 'models', 'toy-sd'));
+    expect(DEMO_MODEL_DIR).toBe(path.join(path.resolve(__dirname, '..', '..'), 'models', 'toy'));
     expect(resolveDemoModel(model)).toBe(model);
     const missing = path.join(tmp.dir, 'nowhere');
     expect(() => resolveDemoModel(missing)).toThrow(FileError);
@@ -160,7 +160,7 @@ describe('the demo model', () => {
     const root = path.resolve(__dirname, '..', '..');
     const present = [DEMO_MODEL_DIR, path.join(root, 'models', 'toy')].filter((d) => fs.existsSync(path.join(d, 'model_index.json')));
     if (present.length > 0) expect(resolveDemoModel()).toBe(present[0]);
-    else expect(() => resolveDemoModel()).toThrow(/embedded demo model was not found at .*toy-sd.*npm run pretrain:toy -- --out /);
+    else expect(() => resolveDemoModel()).toThrow(/embedded demo model was not found at .*toy.*npm run pretrain:toy -- --out /);
   });
 });
 
