@@ -14,6 +14,7 @@
 
 #include "core/async.h"
 #include "core/errors.h"
+#include "core/js_options.h"
 #include "core/handle.h"
 #include "core/generator.h"
 #include "core/registry.h"
@@ -34,59 +35,9 @@ const Handle<TrainStep> kHandle({0x5a1c7e93b2d64f08ULL, 0xc3e5a7f9182b4d6eULL}, 
 
 std::shared_ptr<TrainStep> TrainerFrom(const Napi::Value& v) { return kHandle.From(v); }
 
-// Strict option reading: an unknown key is an error (it would otherwise be silently ignored).
-class Options {
- public:
-  Options(const Napi::Value& v, std::set<std::string> known, const char* what) {
-    if (v.IsUndefined() || v.IsNull()) return;
-    Require(v.IsObject(), std::string(what) + " must be an object");
-    o_ = v.As<Napi::Object>();
-    auto keys = o_.GetPropertyNames();
-    for (uint32_t i = 0; i < keys.Length(); ++i) {
-      const std::string k = keys.Get(i).ToString().Utf8Value();
-      if (!known.count(k)) {
-        std::string list;
-        for (const auto& x : known) list += (list.empty() ? "" : ", ") + x;
-        throw Error("INVALID_ARGUMENT", "Unknown " + std::string(what) + " \"" + k + "\" (known: " + list + ")");
-      }
-    }
-  }
-  bool Has(const char* k) const {
-    if (o_.IsEmpty()) return false;
-    Napi::Value v = o_.Get(k);
-    return !v.IsUndefined() && !v.IsNull();
-  }
-  Napi::Value Get(const char* k) const { return o_.Get(k); }
-  double Number(const char* k, double fallback) const {
-    if (!Has(k)) return fallback;
-    Require(Get(k).IsNumber(), std::string(k) + " must be a number");
-    const double d = Get(k).As<Napi::Number>().DoubleValue();
-    Require(std::isfinite(d), std::string(k) + " must be finite");
-    return d;
-  }
-  int64_t Int(const char* k, int64_t fallback) const {
-    const double d = Number(k, static_cast<double>(fallback));
-    Require(d == std::floor(d) && std::fabs(d) <= 9007199254740991.0, std::string(k) + " must be an integer");
-    return static_cast<int64_t>(d);
-  }
-  std::string String(const char* k, const std::string& fallback) const {
-    if (!Has(k)) return fallback;
-    Require(Get(k).IsString(), std::string(k) + " must be a string");
-    return Get(k).As<Napi::String>().Utf8Value();
-  }
-  bool Bool(const char* k, bool fallback) const {
-    if (!Has(k)) return fallback;
-    Require(Get(k).IsBoolean(), std::string(k) + " must be a boolean");
-    return Get(k).As<Napi::Boolean>().Value();
-  }
-  at::Tensor Tensor(const char* k) const { return Has(k) ? TensorWrap::From(Get(k), k) : at::Tensor(); }
-
- private:
-  Napi::Object o_;
-};
 
 custom_diffusion::TrainStepOptions ParseOptions(const Napi::Value& v) {
-  Options o(v,
+  JsOptions o(v,
             {"freezeModel", "tokenIds", "learningRate", "warmupSteps", "adamBeta1", "adamBeta2", "adamEpsilon",
              "adamWeightDecay", "maxGradNorm", "gradientAccumulationSteps", "priorLossWeight", "lossWeighting",
              "mixedPrecision", "gradientCheckpointing", "cacheTextEmbeddings", "cacheClassLatents"},
@@ -156,7 +107,7 @@ Napi::Value Step(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
     auto trainer = TrainerFrom(info[0]);
-    Options b(info[1], {"pixels", "latents", "masks", "inputIds", "instanceCount", "vaeNoise", "noise", "timesteps"},
+    JsOptions b(info[1], {"pixels", "latents", "masks", "inputIds", "instanceCount", "vaeNoise", "noise", "timesteps"},
               "batch field");
     Require(info[1].IsObject(), "batch must be an object");
     custom_diffusion::StepBatch batch;
@@ -262,7 +213,7 @@ Napi::Value SetOptimizerState(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
     auto trainer = TrainerFrom(info[0]);
-    Options o(info[1], {"names", "expAvg", "expAvgSq", "optimizerSteps", "microSteps", "scale", "growthTracker"},
+    JsOptions o(info[1], {"names", "expAvg", "expAvgSq", "optimizerSteps", "microSteps", "scale", "growthTracker"},
               "optimizer state field");
     Require(info[1].IsObject() && o.Get("names").IsArray() && o.Get("expAvg").IsArray() && o.Get("expAvgSq").IsArray(),
             "The optimizer state needs names, expAvg and expAvgSq arrays");

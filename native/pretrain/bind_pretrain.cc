@@ -17,6 +17,7 @@
 
 #include "core/async.h"
 #include "core/errors.h"
+#include "core/js_options.h"
 #include "core/generator.h"
 #include "core/handle.h"
 #include "core/registry.h"
@@ -45,55 +46,6 @@ struct Trainer {
 
 const Handle<Trainer> kHandle({0x2b7e151628aed2a6ULL, 0xabf7158809cf4f3cULL}, "pretrainer");
 
-// Strict option reading: an unknown key is an error rather than a silently ignored typo.
-class Fields {
- public:
-  Fields(const Napi::Value& v, std::set<std::string> known, const char* what) {
-    if (v.IsUndefined() || v.IsNull()) return;
-    Require(v.IsObject() && !v.IsArray(), std::string(what) + "s must be an object");
-    o_ = v.As<Napi::Object>();
-    auto keys = o_.GetPropertyNames();
-    for (uint32_t i = 0; i < keys.Length(); ++i) {
-      const std::string k = keys.Get(i).ToString().Utf8Value();
-      if (known.count(k)) continue;
-      std::string list;
-      for (const auto& x : known) list += (list.empty() ? "" : ", ") + x;
-      throw Error("INVALID_ARGUMENT", "Unknown " + std::string(what) + " \"" + k + "\" (known: " + list + ")");
-    }
-  }
-  bool Has(const char* k) const {
-    if (o_.IsEmpty()) return false;
-    const Napi::Value v = o_.Get(k);
-    return !v.IsUndefined() && !v.IsNull();
-  }
-  Napi::Value Get(const char* k) const { return o_.Get(k); }
-  double Number(const char* k, double fallback) const {
-    if (!Has(k)) return fallback;
-    Require(Get(k).IsNumber(), std::string(k) + " must be a number");
-    const double d = Get(k).As<Napi::Number>().DoubleValue();
-    Require(std::isfinite(d), std::string(k) + " must be finite");
-    return d;
-  }
-  int64_t Int(const char* k, int64_t fallback) const {
-    const double d = Number(k, static_cast<double>(fallback));
-    Require(d == std::floor(d) && std::fabs(d) <= 9007199254740991.0, std::string(k) + " must be an integer");
-    return static_cast<int64_t>(d);
-  }
-  std::string String(const char* k, const std::string& fallback) const {
-    if (!Has(k)) return fallback;
-    Require(Get(k).IsString(), std::string(k) + " must be a string");
-    return Get(k).As<Napi::String>().Utf8Value();
-  }
-  bool Bool(const char* k, bool fallback) const {
-    if (!Has(k)) return fallback;
-    Require(Get(k).IsBoolean(), std::string(k) + " must be a boolean");
-    return Get(k).As<Napi::Boolean>().Value();
-  }
-  at::Tensor Tensor(const char* k) const { return Has(k) ? TensorWrap::From(Get(k), k) : at::Tensor(); }
-
- private:
-  Napi::Object o_;
-};
 
 const std::set<std::string> kOptimizerKeys = {"learningRate", "lrSchedule", "warmupSteps", "totalSteps",
                                               "adamBeta1",    "adamBeta2",  "adamEpsilon", "adamWeightDecay",
@@ -104,7 +56,7 @@ std::set<std::string> With(std::set<std::string> a, std::initializer_list<std::s
   return a;
 }
 
-pretrain::OptimizerOptions ParseOptimizer(const Fields& f) {
+pretrain::OptimizerOptions ParseOptimizer(const JsOptions& f) {
   pretrain::OptimizerOptions o;
   o.learningRate = f.Number("learningRate", o.learningRate);
   const std::string schedule = f.String("lrSchedule", "cosine");
@@ -150,7 +102,7 @@ Napi::Value CreateDiffusion(const Napi::CallbackInfo& info) {
     std::shared_ptr<models::AutoencoderKL> vae;
     if (!info[2].IsUndefined() && !info[2].IsNull()) vae = VaeFromJs(info[2]);
     Require(info[3].IsString(), "schedulerConfig must be the scheduler's config JSON text");
-    const Fields f(info[4], With(kOptimizerKeys, {"trainTextEncoder", "scalingFactor"}), "pretraining option");
+    const JsOptions f(info[4], With(kOptimizerKeys, {"trainTextEncoder", "scalingFactor"}), "pretraining option");
     pretrain::DiffusionOptions options;
     options.optimizer = ParseOptimizer(f);
     options.trainTextEncoder = f.Bool("trainTextEncoder", true);
@@ -168,7 +120,7 @@ Napi::Value CreateVae(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
     auto vae = VaeFromJs(info[0]);
-    const Fields f(info[1], With(kOptimizerKeys, {"reconLoss", "klWeight"}), "pretraining option");
+    const JsOptions f(info[1], With(kOptimizerKeys, {"reconLoss", "klWeight"}), "pretraining option");
     pretrain::VaeOptions options;
     options.optimizer = ParseOptimizer(f);
     const std::string recon = f.String("reconLoss", "l1");
@@ -189,7 +141,7 @@ Napi::Value Step(const Napi::CallbackInfo& info) {
     Require(info[1].IsObject(), "batch must be an object");
     const std::optional<at::Generator> gen = GeneratorWrap::From(info[2]);
     if (t->diffusion) {
-      const Fields b(info[1],
+      const JsOptions b(info[1],
                      {"inputIds", "latents", "latentMean", "latentStd", "pixels", "vaeNoise", "noise", "timesteps"},
                      "batch field");
       pretrain::DiffusionBatch batch;
@@ -207,7 +159,7 @@ Napi::Value Step(const Napi::CallbackInfo& info) {
         return [s](Napi::Env e) -> Napi::Value { return StatsToJs(e, s, false); };
       });
     }
-    const Fields b(info[1], {"pixels", "vaeNoise"}, "batch field");
+    const JsOptions b(info[1], {"pixels", "vaeNoise"}, "batch field");
     pretrain::VaeBatch batch;
     batch.pixels = b.Tensor("pixels");
     batch.vaeNoise = b.Tensor("vaeNoise");
