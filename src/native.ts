@@ -107,6 +107,7 @@ export interface NativeBinding {
   liveTensors(): number;
   selftest: {
     throwInWorker(kind: string): Promise<never>;
+    workerNumThreads(): Promise<number>;
     countdown(
       steps: number,
       msPerStep: number,

@@ -1,5 +1,7 @@
 #include "core/async.h"
 
+#include <ATen/Parallel.h>
+
 #include "core/addon_data.h"
 
 #include <condition_variable>
@@ -32,6 +34,9 @@ class Job : public Napi::AsyncWorker {
  protected:
   void Execute() override {
     try {
+      // OpenMP thread counts are per thread: setNumThreads() ran on the JS thread, so each libuv
+      // worker takes ATen's global setting here, or its ops would use the OpenMP default instead.
+      at::init_num_threads();
       std::function<void(ProgressEvent)> send;
       if (hasProgress_) send = [this](ProgressEvent ev) { Send(std::move(ev)); };
       Progress p(send, cancel_);

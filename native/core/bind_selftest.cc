@@ -2,6 +2,7 @@
 // worker thread, and a long cancellable loop that reports progress. They are part of the binding
 // so `customdiff doctor` can also exercise them.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <napi.h>
 
 #include <chrono>
@@ -16,6 +17,17 @@ namespace cd {
 namespace {
 
 // selftest.throwInWorker(kind): "c10" | "std" | "cd" | "alloc" | "shape"
+// The intra-op thread count ATen uses on a worker thread (setNumThreads runs on the JS thread).
+Napi::Value WorkerNumThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guard(env, [&]() -> Napi::Value {
+    return Run(env, [](const Progress&) -> ResultFn {
+      const int n = at::get_num_threads();
+      return [n](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, n); };
+    });
+  });
+}
+
 Napi::Value ThrowInWorker(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
@@ -60,6 +72,7 @@ void InitSelftest(Napi::Env env, Napi::Object exports) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("throwInWorker", Napi::Function::New(env, ThrowInWorker, "throwInWorker"));
   o.Set("countdown", Napi::Function::New(env, Countdown, "countdown"));
+  o.Set("workerNumThreads", Napi::Function::New(env, WorkerNumThreads, "workerNumThreads"));
   exports.Set("selftest", o);
 }
 

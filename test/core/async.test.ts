@@ -58,3 +58,20 @@ describe('native work on worker threads', () => {
     );
   });
 });
+
+describe('thread count on worker threads', () => {
+  it('applies setNumThreads to the native work that runs off the JS thread', async () => {
+    const { setNumThreads, getNumThreads } = await import('../../src');
+    const before = getNumThreads();
+    try {
+      for (const n of [1, 2]) {
+        setNumThreads(n);
+        // Several calls, so more than one libuv worker is exercised.
+        const seen = await Promise.all(Array.from({ length: 4 }, () => callAsync(() => native().selftest.workerNumThreads())));
+        expect(seen).toEqual([n, n, n, n]);
+      }
+    } finally {
+      setNumThreads(before);
+    }
+  });
+});
