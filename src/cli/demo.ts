@@ -6,7 +6,8 @@
 import { Command } from 'commander';
 import * as fs from 'fs';
 import * as path from 'path';
-import { runDemo, DEMO_MODEL_DIR, type DemoEvent, type DemoStage, type DemoMetrics } from '../demo/demo';
+import { runDemo, DEMO_CONCEPTS, DEMO_MODEL_DIR, type ConceptScores, type DemoEvent, type DemoStage, type DemoMetrics } from '../demo/demo';
+import { TOY_EMBLEMS } from '../toy/world';
 import { defineAction } from './action';
 import { addCommonOptions, addDeviceOptions, addExamples, addOverwriteOption, intArg, numberArg, usageError, type DeviceOptions, type OverwriteOptions } from './options';
 import { formatDuration, type Progress } from './output';
@@ -27,19 +28,24 @@ const pct = (x: number): string => (Number.isFinite(x) ? `${(100 * x).toFixed(0)
 
 /** The metrics as a short table for the terminal. */
 export function metricsSummary(m: DemoMetrics): string {
+  const [e1, e2] = DEMO_CONCEPTS;
+  const [t1, t2] = Object.keys(m.merged.tokens);
+  const p1 = `"${TOY_EMBLEMS[e1].noun}"`;
+  const p2 = `"${TOY_EMBLEMS[e2].noun}"`;
+  const row = (label: string, s: ConceptScores) => `  ${label.padEnd(34)}${pct(s.emblem_rate)}    ${pct(s.background_rate)}`;
   const lines = [
-    'concept prompts              emblem  background',
-    `  base "<new1> emblem"        ${pct(m.base.concept1.emblem_rate)}    ${pct(m.base.concept1.background_rate)}`,
-    `  <new1> delta                ${pct(m.delta1.concept.emblem_rate)}    ${pct(m.delta1.concept.background_rate)}`,
-    `  compressed (ratio 0.6)      ${pct(m.compressed1.concept.emblem_rate)}    ${pct(m.compressed1.concept.background_rate)}`,
-    `  merged "<new1> emblem"      ${pct(m.merged.concept1.emblem_rate)}    ${pct(m.merged.concept1.background_rate)}`,
-    `  base "<new1> badge"         ${pct(m.base.concept2.emblem_rate)}    ${pct(m.base.concept2.background_rate)}`,
-    `  second delta                ${pct(m.delta2.concept.emblem_rate)}    ${pct(m.delta2.concept.background_rate)}`,
-    `  merged "<new2> badge"       ${pct(m.merged.concept2.emblem_rate)}    ${pct(m.merged.concept2.background_rate)}`,
-    'plain prompts                colour+background+shape',
-    `  base                        ${pct(m.base.plain.accuracy)}`,
-    `  <new1> delta                ${pct(m.delta1.plain.accuracy)}`,
-    `  merged delta                ${pct(m.merged.plain.accuracy)}`,
+    `${'concept prompts'.padEnd(36)}found  background`,
+    row(`base model, <new1> ${p1}`, m.base.concept1),
+    row(`<new1> delta (${e1})`, m.delta1.concept),
+    row('compressed delta (ratio 0.6)', m.compressed1.concept),
+    row(`merged delta, ${t1} ${p1}`, m.merged.concept1),
+    row(`base model, <new1> ${p2}`, m.base.concept2),
+    row(`second delta (${e2})`, m.delta2.concept),
+    row(`merged delta, ${t2} ${p2}`, m.merged.concept2),
+    `${'plain prompts'.padEnd(36)}colour+background+shape`,
+    `  ${'base model'.padEnd(34)}${pct(m.base.plain.accuracy)}`,
+    `  ${'<new1> delta'.padEnd(34)}${pct(m.delta1.plain.accuracy)}`,
+    `  ${'merged delta'.padEnd(34)}${pct(m.merged.plain.accuracy)}`,
   ];
   return lines.join('\n');
 }
@@ -49,8 +55,8 @@ export function demoCommand(): Command {
     .summary('teach the embedded toy model two new concepts and write a report (a few minutes on a CPU)')
     .description(
       'Custom Diffusion end to end on the small model that ships with the package (trained on a world of coloured shapes): ' +
-        'draw 8 pictures of an emblem the model has never seen, train a <new1> delta with prior preservation, show that ' +
-        '"a <new1> emblem on a green background" draws it in the asked context while plain prompts draw what they drew before, ' +
+        'draw 8 pictures of a two-colour badge the model has never seen, train a <new1> delta with prior preservation, show that ' +
+        '"a <new1> badge on a green background" draws it in the asked context while plain prompts draw what they drew before, ' +
         'compress the delta, train a second concept and merge both, then write report.html (grids, loss curves, metrics) in --output-dir.',
     )
     .option('-m, --model <dir>', `a toy-world model folder (default: the embedded one, ${path.relative(process.cwd(), DEMO_MODEL_DIR) || DEMO_MODEL_DIR})`)

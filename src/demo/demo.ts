@@ -1,16 +1,16 @@
 /**
  * The Custom Diffusion demo on the embedded toy model (`customdiff demo`, {@link runDemo}):
  *
- * 1. renders 8 pictures of a concept the toy world never shows (the ringed star: a yellow star in
- *    a red ring) captioned "a <new1> emblem on a … background", and generates class images with the
- *    base model from captions of the world it has seen (prior preservation);
+ * 1. renders 8 pictures of a concept the toy world never shows (the split disc: a disc white on its
+ *    left half and blue on its right) captioned "a <new1> badge on a … background", and generates
+ *    class images with the base model from captions of the world it has seen (prior preservation);
  * 2. draws the base model's pictures for the concept prompts and for plain world prompts;
  * 3. trains a `<new1>` delta (K/V of the cross-attentions plus the token) with prior preservation;
- * 4. draws the same prompts with the same seeds with the delta: "a <new1> emblem on a green
- *    background" now shows the emblem on green, and the plain prompts still draw what they drew;
+ * 4. draws the same prompts with the same seeds with the delta: "a <new1> badge on a green
+ *    background" now shows the badge on green, and the plain prompts still draw what they drew;
  * 5. compresses the delta (the paper's SVD rule at ratio 0.6) and draws again;
- * 6. trains a second concept (the split disc, "a <new1> badge") the same way and merges both deltas
- *    in closed form into one with `<new1>` (emblem) and `<new2>` (badge), and draws with it;
+ * 6. trains a second concept (the ringed star, "a <new1> emblem") the same way and merges both
+ *    deltas in closed form into one with `<new1>` (badge) and `<new2>` (emblem), and draws with it;
  * 7. scores every picture with the toy world's judge and writes an HTML report (grids, loss curves,
  *    metrics), the grids as PNG files and the metrics as JSON.
  *
@@ -77,8 +77,17 @@ export function resolveDemoModel(model?: string): string {
 // ---------------------------------------------------------------------------------------------
 // Options, events, results
 
-/** The two concepts of the demo, in training order. */
-export const DEMO_CONCEPTS: readonly ToyEmblemName[] = ['ringed-star', 'split-disc'];
+/**
+ * The two concepts of the demo, in training order: the split disc ("a <new1> badge"), which the
+ * embedded model learns, first; the ringed star ("a <new1> emblem") second. (The ringed star's thin
+ * ring and small star are at the limit of what the 8×8-latent autoencoder reconstructs at 32 px:
+ * about a fifth of its pictures survive encoding and decoding, against all but one of the split
+ * disc's, so the model can hardly learn to draw it.)
+ */
+export const DEMO_CONCEPTS: readonly ToyEmblemName[] = ['split-disc', 'ringed-star'];
+
+/** "a <token> badge" for an emblem. */
+const phrase = (emblem: ToyEmblemName, token = '<new1>'): string => `a ${token} ${TOY_EMBLEMS[emblem].noun}`;
 
 export interface DemoOptions {
   /** A toy-world diffusers folder (default: the embedded {@link DEMO_MODEL_DIR}). */
@@ -136,7 +145,7 @@ export type DemoEvent =
   | { type: 'progress'; stage: DemoStage; done: number; total: number; loss?: number }
   | { type: 'stage-end'; stage: DemoStage; seconds: number };
 
-/** Judge results on concept prompts ("a <token> emblem on a green background"). */
+/** Judge results on concept prompts ("a <token> badge on a green background"). */
 export interface ConceptScores {
   /** The concept (emblem) the prompts ask for. */
   emblem: ToyEmblemName;
@@ -168,13 +177,13 @@ export interface PlainScores {
 export interface DemoMetrics {
   /** The uncustomised model. */
   base: { concept1: ConceptScores; concept2: ConceptScores; plain: PlainScores };
-  /** The ringed star's delta (`<new1>` emblem). */
+  /** The first concept's delta (`<new1>` badge: the split disc). */
   delta1: { concept: ConceptScores; plain: PlainScores };
   /** The same delta compressed at ratio 0.6. */
   compressed1: { concept: ConceptScores; plain: PlainScores; ratio: number; meanRank: number; bytes: number; fullBytes: number };
-  /** The split disc's delta (`<new1>` badge). */
+  /** The second concept's delta (`<new1>` emblem: the ringed star). */
   delta2: { concept: ConceptScores; plain: PlainScores };
-  /** Both merged: `<new1>` emblem and `<new2>` badge. */
+  /** Both merged: `<new1>` badge and `<new2>` emblem. */
   merged: { concept1: ConceptScores; concept2: ConceptScores; plain: PlainScores; tokens: Record<string, string> };
   training: { concept1: TrainingSummary; concept2: TrainingSummary };
   /** Seconds per stage and in all. */
@@ -351,10 +360,10 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     data: 'Drawing the training pictures of both concepts',
     'class-images': 'Generating class images for prior preservation',
     base: 'Drawing with the base model',
-    'train-1': 'Training <new1> (ringed-star emblem)',
+    'train-1': `Training <new1> (${DEMO_CONCEPTS[0]} ${TOY_EMBLEMS[DEMO_CONCEPTS[0]].noun})`,
     'evaluate-1': 'Drawing with the <new1> delta',
     compress: 'Compressing the delta (ratio 0.6) and drawing with it',
-    'train-2': 'Training the second concept (split-disc badge)',
+    'train-2': `Training the second concept (${DEMO_CONCEPTS[1]} ${TOY_EMBLEMS[DEMO_CONCEPTS[1]].noun})`,
     merge: 'Merging both concepts and drawing with the merged delta',
     report: 'Writing the report',
   };
@@ -492,7 +501,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         pretrainedModel: model,
         concepts: [
           {
-            instancePrompt: `a <new1> ${TOY_EMBLEMS[emblem].noun}`,
+            instancePrompt: phrase(emblem),
             instanceDataDir: instance[emblem].dir,
             instanceCaptionsFile: instance[emblem].captions,
             classDataDir: classDir,
@@ -623,8 +632,8 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
     const grid = (imgs: RgbImage[], columns: number) => makeGrid(imgs, { columns, gap: 1 });
     const plainCols = Math.min(nPlain, 6);
     const gridFiles: Record<string, RgbImage> = {
-      'instance-ringed-star': grid(instance[e1].samples.map((s) => s.image), Math.min(nInstance, 8)),
-      'instance-split-disc': grid(instance[e2].samples.map((s) => s.image), Math.min(nInstance, 8)),
+      'instance-concept1': grid(instance[e1].samples.map((s) => s.image), Math.min(nInstance, 8)),
+      'instance-concept2': grid(instance[e2].samples.map((s) => s.image), Math.min(nInstance, 8)),
       'class-images': grid(classImages, Math.min(nClass, 8)),
       'concept1-base': grid(baseC1, cols),
       'concept1-delta': grid(d1C1, cols),
@@ -665,18 +674,18 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
       {
         title: 'Concept fidelity and text alignment',
         text:
-          'Each concept prompt ("a <token> emblem on a green background") is drawn with the same seeds by the uncustomised model and by each ' +
+          `Each concept prompt ("${phrase(e1)} on a green background") is drawn with the same seeds by the uncustomised model and by each ` +
           'customised one; the toy judge checks whether the emblem is there (fidelity) and whether the background is the one asked for ' +
           '(the context follows the prompt).',
         header: ['model / prompts', 'emblem found', 'vs base', 'background as asked', 'both', 'mean detector score'],
         rows: [
-          conceptRow(`base: "a <new1> emblem …" (${e1})`, m.base.concept1, m.base.concept1),
+          conceptRow(`base: "${phrase(e1)} …" (${e1})`, m.base.concept1, m.base.concept1),
           conceptRow(`<new1> delta (${e1})`, m.delta1.concept, m.base.concept1),
           conceptRow(`compressed delta, ratio 0.6 (${e1})`, m.compressed1.concept, m.base.concept1),
-          conceptRow(`merged: "${tokenOf[0]} emblem" (${e1})`, m.merged.concept1, m.base.concept1),
-          conceptRow(`base: "a <new1> badge …" (${e2})`, m.base.concept2, m.base.concept2),
+          conceptRow(`merged: "${phrase(e1, tokenOf[0])}" (${e1})`, m.merged.concept1, m.base.concept1),
+          conceptRow(`base: "${phrase(e2)} …" (${e2})`, m.base.concept2, m.base.concept2),
           conceptRow(`second delta (${e2})`, m.delta2.concept, m.base.concept2),
-          conceptRow(`merged: "${tokenOf[1]} badge" (${e2})`, m.merged.concept2, m.base.concept2),
+          conceptRow(`merged: "${phrase(e2, tokenOf[1])}" (${e2})`, m.merged.concept2, m.base.concept2),
         ],
         notes: [`${m.base.concept1.images} pictures per row (${conceptBackgrounds(e1).length} backgrounds × ${evalSeeds} seeds).`],
       },
@@ -717,12 +726,12 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         `Every grid below is drawn with the same seeds, ${sampleSteps} denoising steps, guidance ${guidanceScale}; pictures are 32×32, enlarged.`,
       ],
       figures: [
-        figure('The new concepts', 'Training pictures: the ringed star ("a <new1> emblem on a … background") and the split disc ("a <new1> badge …"). Below: class images the base model drew for prior preservation.', [
-          { title: `${e1}: ${TOY_EMBLEMS[e1].description}`, image: gridFiles['instance-ringed-star'] },
-          { title: `${e2}: ${TOY_EMBLEMS[e2].description}`, image: gridFiles['instance-split-disc'] },
+        figure('The new concepts', `Training pictures: ${TOY_EMBLEMS[e1].description} ("${phrase(e1)} on a … background") and ${TOY_EMBLEMS[e2].description} ("${phrase(e2)} …"). Then class images the base model drew for prior preservation.`, [
+          { title: `${e1}: "${phrase(e1)}"`, image: gridFiles['instance-concept1'] },
+          { title: `${e2}: "${phrase(e2)}"`, image: gridFiles['instance-concept2'] },
           { title: 'class images (base model)', image: gridFiles['class-images'] },
         ]),
-        figure('"a <new1> emblem on a … background": before and after', 'Rows ask for different backgrounds; the concept should appear in the asked context.', [
+        figure(`"${phrase(e1)} on a … background": before and after`, 'Rows ask for different backgrounds; the concept should appear in the asked context.', [
           { title: 'base model', image: gridFiles['concept1-base'], rowLabels: rowLabels(c1.backgrounds) },
           { title: 'with the <new1> delta', image: gridFiles['concept1-delta'], rowLabels: rowLabels(c1.backgrounds) },
           { title: 'compressed delta (ratio 0.6)', image: gridFiles['concept1-compressed'], rowLabels: rowLabels(c1.backgrounds) },
@@ -733,10 +742,10 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
           { title: 'with the <new1> delta', image: gridFiles['plain-delta1'] },
           { title: 'with the merged delta', image: gridFiles['plain-merged'] },
         ]),
-        figure('The second concept and the merged model', `The split disc was trained alone as "<new1> badge"; the merge renames it ${tokenOf[1]}.`, [
-          { title: 'base model: "a <new1> badge …"', image: gridFiles['concept2-base'], rowLabels: rowLabels(c2.backgrounds) },
+        figure('The second concept and the merged model', `The ${e2} was trained alone as "${phrase(e2)}"; the merge renames its token ${tokenOf[1]}.`, [
+          { title: `base model: "${phrase(e2)} …"`, image: gridFiles['concept2-base'], rowLabels: rowLabels(c2.backgrounds) },
           { title: 'its own delta', image: gridFiles['concept2-delta'], rowLabels: rowLabels(c2.backgrounds) },
-          { title: `merged delta: "a ${tokenOf[1]} badge …"`, image: gridFiles['concept2-merged'], rowLabels: rowLabels(m2.backgrounds) },
+          { title: `merged delta: "${phrase(e2, tokenOf[1])} …"`, image: gridFiles['concept2-merged'], rowLabels: rowLabels(m2.backgrounds) },
         ]),
       ],
       curves: {
