@@ -123,7 +123,7 @@ function table(rows) {
 async function main() {
   const a = args();
   const L = require(lib);
-  const { runDemo, resolveDemoModel } = require(path.join(lib, 'demo'));
+  const { runDemo, resolveDemoModel, DEMO_CONCEPTS } = require(path.join(lib, 'demo'));
   const model = resolveDemoModel(a.model);
   L.setNumThreads(a.threads);
   const started = Date.now();
@@ -178,6 +178,7 @@ async function main() {
     settings: { ...a, model, out: undefined, demo: m.settings },
     base_model: base,
     customisation: {
+      concepts: { first: DEMO_CONCEPTS[0], second: DEMO_CONCEPTS[1], merged_tokens: m.merged.tokens },
       concept_fidelity: concept(m.delta1.concept, m.base.concept1),
       text_alignment: {
         background_rate: m.delta1.concept.background_rate,
@@ -211,15 +212,18 @@ async function main() {
     ]),
   );
   const c = result.customisation;
+  const [e1, e2] = DEMO_CONCEPTS;
+  const [t1, t2] = Object.keys(m.merged.tokens);
+  const noun = (e) => L.TOY_EMBLEMS[e].noun;
   console.log(`\nCustomisation (${m.delta1.concept.images} pictures per concept row, ${m.base.plain.images} plain prompts; same seeds as the base model):`);
   console.log(
     table([
       ['', 'emblem found', 'base model', 'background as asked', 'base model', 'both'],
-      ['<new1> emblem (ringed star)', pct(c.concept_fidelity.emblem_rate), pct(c.concept_fidelity.base_emblem_rate), pct(c.concept_fidelity.background_rate), pct(c.concept_fidelity.base_background_rate), pct(c.concept_fidelity.in_context_rate)],
+      [`<new1> ${noun(e1)} (${e1})`, pct(c.concept_fidelity.emblem_rate), pct(c.concept_fidelity.base_emblem_rate), pct(c.concept_fidelity.background_rate), pct(c.concept_fidelity.base_background_rate), pct(c.concept_fidelity.in_context_rate)],
       ['compressed, ratio 0.6', pct(c.compressed_fidelity.emblem_rate), pct(c.compressed_fidelity.base_emblem_rate), pct(c.compressed_fidelity.background_rate), pct(c.compressed_fidelity.base_background_rate), pct(c.compressed_fidelity.in_context_rate)],
-      ['second concept (split disc)', pct(c.second_concept_fidelity.emblem_rate), pct(c.second_concept_fidelity.base_emblem_rate), pct(c.second_concept_fidelity.background_rate), pct(c.second_concept_fidelity.base_background_rate), pct(c.second_concept_fidelity.in_context_rate)],
-      ['merged: <new1> emblem', pct(c.merged_fidelity.concept1.emblem_rate), pct(c.merged_fidelity.concept1.base_emblem_rate), pct(c.merged_fidelity.concept1.background_rate), pct(c.merged_fidelity.concept1.base_background_rate), pct(c.merged_fidelity.concept1.in_context_rate)],
-      ['merged: <new2> badge', pct(c.merged_fidelity.concept2.emblem_rate), pct(c.merged_fidelity.concept2.base_emblem_rate), pct(c.merged_fidelity.concept2.background_rate), pct(c.merged_fidelity.concept2.base_background_rate), pct(c.merged_fidelity.concept2.in_context_rate)],
+      [`second concept: <new1> ${noun(e2)} (${e2})`, pct(c.second_concept_fidelity.emblem_rate), pct(c.second_concept_fidelity.base_emblem_rate), pct(c.second_concept_fidelity.background_rate), pct(c.second_concept_fidelity.base_background_rate), pct(c.second_concept_fidelity.in_context_rate)],
+      [`merged: ${t1} ${noun(e1)}`, pct(c.merged_fidelity.concept1.emblem_rate), pct(c.merged_fidelity.concept1.base_emblem_rate), pct(c.merged_fidelity.concept1.background_rate), pct(c.merged_fidelity.concept1.base_background_rate), pct(c.merged_fidelity.concept1.in_context_rate)],
+      [`merged: ${t2} ${noun(e2)}`, pct(c.merged_fidelity.concept2.emblem_rate), pct(c.merged_fidelity.concept2.base_emblem_rate), pct(c.merged_fidelity.concept2.background_rate), pct(c.merged_fidelity.concept2.base_background_rate), pct(c.merged_fidelity.concept2.in_context_rate)],
     ]),
   );
   console.log('\nPrior preservation (plain prompts: colour, background and shape as asked):');
