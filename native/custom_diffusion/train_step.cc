@@ -340,38 +340,8 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   } else {
     noise = randn(latentSize);
   }
-  const int64_t T = scheduler_->numTrainTimesteps();
-  at::Tensor timesteps;
-  if (batch.timesteps.defined()) {
-    Require(batch.timesteps.dim() == 1 && batch.timesteps.size(0) == n, "timesteps must be a tensor [" + std::to_string(n) + "]");
-    RequireIntegral(batch.timesteps, "timesteps");
-    const at::Tensor ts = batch.timesteps.to(at::kCPU, at::kLong);
-    Require(ts.min().item<int64_t>() >= 0 && ts.max().item<int64_t>() < T,
-            "timesteps must lie in [0, " + std::to_string(T) + ")");
-    timesteps = ts.to(device_);
-  } else if (generator) {
-    timesteps = at::randint(0, T, {n}, generator, at::TensorOptions().dtype(at::kLong).device(generator->device())).to(device_);
-  } else {
-    timesteps = at::randint(0, T, {n}, at::TensorOptions().dtype(at::kLong).device(device_));
-  }
-
-  // ---- Forward process and target: DDPMScheduler.add_noise / get_velocity, with the same ops (the
-  // scheduler's own methods check the timestep range on the device, which would cost a sync).
-  at::Tensor noisy, target;
-  {
-    at::NoGradGuard noGrad;
-    const at::Tensor ac = scheduler_->alphasCumprod().to(device_).to(at::kFloat);
-    const at::Tensor a = ac.index({timesteps});
-    at::Tensor sa = at::pow(a, 0.5).flatten();
-    at::Tensor s1ma = at::pow(at::rsub(a, 1), 0.5).flatten();
-    while (sa.dim() < latents.dim()) sa = sa.unsqueeze(-1);
-    while (s1ma.dim() < latents.dim()) s1ma = s1ma.unsqueeze(-1);
-    noisy = sa * latents + s1ma * noise;
-    const std::string& pt = scheduler_->predictionType();
-    if (pt == "epsilon") target = noise;
-    else if (pt == "v_prediction") target = sa * noise - s1ma * latents;
-    else target = latents;
-  }
+  const at::Tensor timesteps = schedulers::TrainingTimesteps(*scheduler_, batch.timesteps, n, generator, device_);
+  auto [noisy, target] = schedulers::NoiseForTraining(*scheduler_, latents, noise, timesteps);
 
   // ---- Text encoder (records autograd only when token rows train) and UNet with the BOS detach.
   at::Tensor context;

@@ -2,6 +2,8 @@
 // (add_noise / get_velocity), step bookkeeping, numpy-compatible timestep arithmetic and the factory.
 #include "schedulers/scheduler.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -612,6 +614,39 @@ std::unique_ptr<Scheduler> CreateScheduler(const std::string& kindIn, const std:
                           "their diffusers class names)";
   if (kindIn == "auto") ConfigError(file, msg);
   throw Error("INVALID_ARGUMENT", "Unknown scheduler kind: " + msg);
+}
+
+at::Tensor TrainingTimesteps(const Scheduler& scheduler, const at::Tensor& given, int64_t n,
+                             const std::optional<at::Generator>& generator, c10::Device device) {
+  const int64_t T = scheduler.numTrainTimesteps();
+  if (given.defined()) {
+    Require(given.dim() == 1 && given.size(0) == n, "timesteps must be a tensor [" + std::to_string(n) + "]");
+    Require(!at::isFloatingType(given.scalar_type()) && !given.is_complex() && given.scalar_type() != at::kBool,
+            "timesteps must hold integers");
+    const at::Tensor ts = given.to(at::kCPU, at::kLong);
+    Require(ts.min().item<int64_t>() >= 0 && ts.max().item<int64_t>() < T, "timesteps must lie in [0, " + std::to_string(T) + ")");
+    return ts.to(device);
+  }
+  if (generator)
+    return at::randint(0, T, {n}, *generator, at::TensorOptions().dtype(at::kLong).device(generator->device())).to(device);
+  return at::randint(0, T, {n}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
+TrainingSample NoiseForTraining(const Scheduler& scheduler, const at::Tensor& latents, const at::Tensor& noise,
+                                const at::Tensor& timesteps) {
+  at::NoGradGuard noGrad;
+  const at::Tensor a = scheduler.alphasCumprod().to(latents.device()).to(at::kFloat).index({timesteps});
+  at::Tensor sa = at::pow(a, 0.5).flatten();
+  at::Tensor s1ma = at::pow(at::rsub(a, 1), 0.5).flatten();
+  while (sa.dim() < latents.dim()) sa = sa.unsqueeze(-1);
+  while (s1ma.dim() < latents.dim()) s1ma = s1ma.unsqueeze(-1);
+  TrainingSample r;
+  r.noisy = sa * latents + s1ma * noise;
+  const std::string& pt = scheduler.predictionType();
+  if (pt == "epsilon") r.target = noise;
+  else if (pt == "v_prediction") r.target = sa * noise - s1ma * latents;
+  else r.target = latents;
+  return r;
 }
 
 }  // namespace cd::schedulers

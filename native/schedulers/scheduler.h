@@ -159,6 +159,20 @@ class Scheduler {
 std::unique_ptr<Scheduler> CreateScheduler(const std::string& kind, const std::string& configText,
                                            const std::string& overridesText, const std::string& file);
 
+// Training, as the reference scripts do it: the batch's timesteps, either `given` (checked: n
+// integers in [0, num_train_timesteps)) or n uniform draws from `generator` (on its own device, then
+// moved, as diffusers' randn_tensor) or from LibTorch's default generator, on `device`.
+at::Tensor TrainingTimesteps(const Scheduler& scheduler, const at::Tensor& given, int64_t n,
+                             const std::optional<at::Generator>& generator, c10::Device device);
+
+// DDPMScheduler.add_noise and the prediction target (noise, v or x0) with the same operations, in
+// float32; the range is not re-checked on the device (that would cost a sync per step).
+struct TrainingSample {
+  at::Tensor noisy, target;
+};
+TrainingSample NoiseForTraining(const Scheduler& scheduler, const at::Tensor& latents, const at::Tensor& noise,
+                                const at::Tensor& timesteps);
+
 // Scalar float32 math done by ATen on 0-dim CPU tensors, as diffusers does it on its 0-dim tensors:
 // ATen's sqrt/log/exp are not always the correctly rounded values of libm (one ulp apart, e.g.
 // sqrt(62.463795f)), and that last bit would show in every later step.
