@@ -77,10 +77,7 @@ custom_diffusion::TrainStepOptions ParseOptions(const Napi::Value& v) {
                                     : custom_diffusion::MixedPrecision::No;
   r.cacheTextEmbeddings = o.Bool("cacheTextEmbeddings", true);
   r.cacheClassLatents = o.Bool("cacheClassLatents", true);
-  if (o.Bool("gradientCheckpointing", false))
-    throw Error("INVALID_ARGUMENT",
-                "gradientCheckpointing is not available: the UNet has no checkpointed forward pass (train with a smaller "
-                "batch, or mixedPrecision on CUDA, to save memory)");
+  r.gradientCheckpointing = o.Bool("gradientCheckpointing", false);
   return r;
 }
 

@@ -354,7 +354,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
     AutocastScope autocast(o.mixedPrecision, device_.type());
     models::AttentionOptions attn;
     attn.bosDetach = true;
-    pred = unet_->forward(noisy, timesteps, context, attn);
+    pred = unet_->forward(noisy, timesteps, context, attn, o.gradientCheckpointing);
   }
 
   at::Tensor mask = batch.masks.to(floatOpts);

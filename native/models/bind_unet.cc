@@ -166,7 +166,7 @@ Napi::Value Forward(const Napi::CallbackInfo& info) {
   });
 }
 
-// unet.forwardBackward(handle, sample, timesteps, encoderHiddenStates, gradOut, {bosDetach?, ctxRequiresGrad?})
+// unet.forwardBackward(handle, sample, timesteps, encoderHiddenStates, gradOut, {bosDetach?, ctxRequiresGrad?, gradientCheckpointing?})
 //   → Promise<{out, grads: {name: Tensor}, gradEncoderHiddenStates?}>
 Napi::Value ForwardBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -179,9 +179,11 @@ Napi::Value ForwardBackward(const Napi::CallbackInfo& info) {
     models::AttentionOptions options;
     options.bosDetach = BoolOption(info[5], "bosDetach");
     const bool ctxGrad = BoolOption(info[5], "ctxRequiresGrad");
-    return Run(env, [model, sample, timesteps, context, gradOut, options, ctxGrad](const Progress&) -> ResultFn {
+    const bool checkpointing = BoolOption(info[5], "gradientCheckpointing");
+    return Run(env, [model, sample, timesteps, context, gradOut, options, ctxGrad,
+                     checkpointing](const Progress&) -> ResultFn {
       auto r = std::make_shared<UNet2DConditionModel::BackwardResult>(
-          model->forwardBackward(sample, timesteps, context, gradOut, options, ctxGrad));
+          model->forwardBackward(sample, timesteps, context, gradOut, options, ctxGrad, checkpointing));
       return [r](Napi::Env e) -> Napi::Value {
         Napi::Object o = Napi::Object::New(e);
         o.Set("out", TensorWrap::New(e, r->out));

@@ -1,26 +1,52 @@
 #include "models/unet_2d_blocks.h"
 
+#include "core/errors.h"
+
 namespace cd::models {
 
 namespace {
-Transformer2DModel MakeTransformer(const Weights::Scope& scope, int64_t channels, const BlockSettings& s,
-                                   const CrossAttnSettings& a) {
+BlockTransformer MakeTransformer(const Weights::Scope& scope, int64_t channels, const BlockSettings& s,
+                                 const CrossAttnSettings& a) {
   // Blocks build Transformer2DModel(heads, channels // heads): the config's "head dim" is a count.
-  return Transformer2DModel(scope, a.heads, channels / a.heads, channels, a.transformerLayers, a.crossAttentionDim,
-                            s.groups, s.useLinearProjection, s.upcastAttention);
+  return {Transformer2DModel(scope, a.heads, channels / a.heads, channels, a.transformerLayers, a.crossAttentionDim,
+                             s.groups, s.useLinearProjection, s.upcastAttention),
+          scope.prefix()};
+}
+
+BlockResnet MakeResnet(const Weights::Scope& scope, int64_t inChannels, int64_t outChannels, const BlockSettings& s,
+                       double outputScaleFactor) {
+  return {ResnetBlock2D(scope, inChannels, outChannels, s.tembChannels, s.groups, s.eps, s.act, outputScaleFactor),
+          scope.prefix()};
 }
 }  // namespace
 
+at::Tensor BlockResnet::forward(const at::Tensor& x, const BlockInputs& in) const {
+  if (!in.checkpointing) return module.forward(x, in.tembAct);
+  const ResnetBlock2D* m = &module;
+  return Checkpoint([m](const std::vector<at::Tensor>& v) { return m->forward(v[0], v[1]); }, {x, in.tembAct},
+                    in.checkpointing->under(prefix));
+}
+
+at::Tensor BlockTransformer::forward(const at::Tensor& x, const BlockInputs& in) const {
+  if (!in.checkpointing) return module.forward(x, in.context, in.attention);
+  Require(!in.context.kv, "Gradient checkpointing needs encoder_hidden_states, not prepared keys and values");
+  const Transformer2DModel* m = &module;
+  const AttentionOptions options = in.attention;  // by value: the backward runs after this call returns
+  return Checkpoint(
+      [m, options](const std::vector<at::Tensor>& v) { return m->forward(v[0], CrossAttentionInput{v[1]}, options); },
+      {x, in.context.states}, in.checkpointing->under(prefix));
+}
+
 void DownBlock::collectCrossAttention(std::vector<Attention*>& out) {
-  for (auto& a : attentions_) a.collectCrossAttention(out);
+  for (auto& a : attentions_) a.module.collectCrossAttention(out);
 }
 
 void UNetMidBlock2DCrossAttn::collectCrossAttention(std::vector<Attention*>& out) {
-  for (auto& a : attentions_) a.collectCrossAttention(out);
+  for (auto& a : attentions_) a.module.collectCrossAttention(out);
 }
 
 void UpBlock::collectCrossAttention(std::vector<Attention*>& out) {
-  for (auto& a : attentions_) a.collectCrossAttention(out);
+  for (auto& a : attentions_) a.module.collectCrossAttention(out);
 }
 
 DownBlock::DownBlock(const Weights::Scope& scope, int64_t inChannels, int64_t outChannels, int64_t numLayers,
@@ -29,8 +55,8 @@ DownBlock::DownBlock(const Weights::Scope& scope, int64_t inChannels, int64_t ou
   auto resnets = scope.sub("resnets");
   auto attentions = scope.sub("attentions");
   for (int64_t i = 0; i < numLayers; ++i) {
-    resnets_.emplace_back(resnets.sub(static_cast<int>(i)), i == 0 ? inChannels : outChannels, outChannels,
-                          s.tembChannels, s.groups, s.eps, s.act, 1.0);
+    resnets_.push_back(MakeResnet(resnets.sub(static_cast<int>(i)), i == 0 ? inChannels : outChannels, outChannels,
+                                  s, 1.0));
     if (a.enabled) attentions_.push_back(MakeTransformer(attentions.sub(static_cast<int>(i)), outChannels, s, a));
   }
   if (addDownsample)
@@ -39,8 +65,8 @@ DownBlock::DownBlock(const Weights::Scope& scope, int64_t inChannels, int64_t ou
 
 at::Tensor DownBlock::forward(at::Tensor x, const BlockInputs& in, std::vector<at::Tensor>& skips) const {
   for (size_t i = 0; i < resnets_.size(); ++i) {
-    x = resnets_[i].forward(x, in.tembAct);
-    if (!attentions_.empty()) x = attentions_[i].forward(x, in.context, in.attention);
+    x = resnets_[i].forward(x, in);
+    if (!attentions_.empty()) x = attentions_[i].forward(x, in);
     skips.push_back(x);
   }
   if (downsampler_) {
@@ -56,16 +82,15 @@ UNetMidBlock2DCrossAttn::UNetMidBlock2DCrossAttn(const Weights::Scope& scope, in
   auto resnets = scope.sub("resnets");
   // num_layers is 1: resnet, then (attention, resnet) once.
   for (int i = 0; i < 2; ++i)
-    resnets_.emplace_back(resnets.sub(i), channels, channels, s.tembChannels, s.groups, s.eps, s.act,
-                          outputScaleFactor);
+    resnets_.push_back(MakeResnet(resnets.sub(i), channels, channels, s, outputScaleFactor));
   attentions_.push_back(MakeTransformer(scope.sub("attentions").sub(0), channels, s, a));
 }
 
 at::Tensor UNetMidBlock2DCrossAttn::forward(at::Tensor x, const BlockInputs& in) const {
-  x = resnets_[0].forward(x, in.tembAct);
+  x = resnets_[0].forward(x, in);
   for (size_t i = 0; i < attentions_.size(); ++i) {
-    x = attentions_[i].forward(x, in.context, in.attention);
-    x = resnets_[i + 1].forward(x, in.tembAct);
+    x = attentions_[i].forward(x, in);
+    x = resnets_[i + 1].forward(x, in);
   }
   return x;
 }
@@ -77,8 +102,7 @@ UpBlock::UpBlock(const Weights::Scope& scope, int64_t inChannels, int64_t prevOu
   for (int64_t i = 0; i < numLayers; ++i) {
     const int64_t skipChannels = i == numLayers - 1 ? inChannels : outChannels;
     const int64_t resnetIn = i == 0 ? prevOutputChannels : outChannels;
-    resnets_.emplace_back(resnets.sub(static_cast<int>(i)), resnetIn + skipChannels, outChannels, s.tembChannels,
-                          s.groups, s.eps, s.act, 1.0);
+    resnets_.push_back(MakeResnet(resnets.sub(static_cast<int>(i)), resnetIn + skipChannels, outChannels, s, 1.0));
     if (a.enabled) attentions_.push_back(MakeTransformer(attentions.sub(static_cast<int>(i)), outChannels, s, a));
   }
   if (addUpsample) upsampler_.emplace(scope.sub("upsamplers").sub(0), outChannels, outChannels);
@@ -90,8 +114,8 @@ at::Tensor UpBlock::forward(at::Tensor x, const BlockInputs& in, std::vector<at:
     at::Tensor skip = std::move(skips.back());
     skips.pop_back();
     // [running, skip] in that order: the resnet's weights expect the running channels first.
-    x = resnets_[i].forward(at::cat({x, skip}, 1), in.tembAct);
-    if (!attentions_.empty()) x = attentions_[i].forward(x, in.context, in.attention);
+    x = resnets_[i].forward(at::cat({x, skip}, 1), in);
+    if (!attentions_.empty()) x = attentions_[i].forward(x, in);
   }
   if (upsampler_) x = upsampler_->forward(x, upsampleSize);
   return x;

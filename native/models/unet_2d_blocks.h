@@ -7,9 +7,11 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "models/attention.h"
+#include "models/checkpoint.h"
 #include "models/embeddings.h"
 #include "models/resnet.h"
 #include "models/transformer_2d.h"
@@ -40,6 +42,22 @@ struct BlockInputs {
   const at::Tensor& tembAct;  // the time embedding after the resnets' nonlinearity
   const CrossAttentionInput& context;  // encoder_hidden_states, or their keys and values
   const AttentionOptions& attention;
+  // Training with gradient checkpointing: each resnet and transformer is a checkpointed segment
+  // (the context must be encoder_hidden_states, not prepared keys and values).
+  const GradientCheckpointing* checkpointing = nullptr;
+};
+
+// One resnet or transformer of a block, with its diffusers prefix (which finds its trainable
+// parameters for checkpointing). A block runs its layers through these.
+struct BlockResnet {
+  ResnetBlock2D module;
+  std::string prefix;
+  at::Tensor forward(const at::Tensor& x, const BlockInputs& in) const;
+};
+struct BlockTransformer {
+  Transformer2DModel module;
+  std::string prefix;
+  at::Tensor forward(const at::Tensor& x, const BlockInputs& in) const;
 };
 
 class DownBlock {
@@ -54,8 +72,8 @@ class DownBlock {
   void collectCrossAttention(std::vector<Attention*>& out);
 
  private:
-  std::vector<ResnetBlock2D> resnets_;
-  std::vector<Transformer2DModel> attentions_;
+  std::vector<BlockResnet> resnets_;
+  std::vector<BlockTransformer> attentions_;
   std::optional<Downsample2D> downsampler_;
 };
 
@@ -67,8 +85,8 @@ class UNetMidBlock2DCrossAttn {
   void collectCrossAttention(std::vector<Attention*>& out);
 
  private:
-  std::vector<ResnetBlock2D> resnets_;
-  std::vector<Transformer2DModel> attentions_;
+  std::vector<BlockResnet> resnets_;
+  std::vector<BlockTransformer> attentions_;
 };
 
 class UpBlock {
@@ -86,8 +104,8 @@ class UpBlock {
   bool hasUpsampler() const { return upsampler_.has_value(); }
 
  private:
-  std::vector<ResnetBlock2D> resnets_;
-  std::vector<Transformer2DModel> attentions_;
+  std::vector<BlockResnet> resnets_;
+  std::vector<BlockTransformer> attentions_;
   std::optional<Upsample2D> upsampler_;
 };
 

@@ -297,10 +297,12 @@ UNet2DConditionModel::UNet2DConditionModel(UNetConfig config, Weights weights)
 }
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
-                                         const at::Tensor& encoderHiddenStates, const AttentionOptions& options) const {
+                                         const at::Tensor& encoderHiddenStates, const AttentionOptions& options,
+                                         bool gradientCheckpointing) const {
   Require(encoderHiddenStates.defined(), "encoder_hidden_states is required");
   std::shared_lock<std::shared_mutex> lock(mutex_);
-  return forwardImpl(sample, timesteps, CrossAttentionInput{encoderHiddenStates.to(options_)}, options);
+  return forwardImpl(sample, timesteps, CrossAttentionInput{encoderHiddenStates.to(options_)}, options,
+                     gradientCheckpointing);
 }
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
@@ -408,7 +410,7 @@ std::shared_ptr<const CrossAttentionContext> UNet2DConditionModel::prepareContex
 
 at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const at::Tensor& timestepsIn,
                                              const CrossAttentionInput& context,
-                                             const AttentionOptions& options) const {
+                                             const AttentionOptions& options, bool gradientCheckpointing) const {
   const UNetConfig& c = config_;
   Require(sampleIn.defined() && sampleIn.dim() == 4 && sampleIn.size(1) == c.inChannels,
           "sample must have shape [batch, " + std::to_string(c.inChannels) + ", height, width]");
@@ -437,7 +439,9 @@ at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const a
   at::Tensor emb = timeEmbedding_->forward(timeProj_.forward(t).to(options_.dtype()));
   emb = Activate(c.timeEmbeddingAct, emb);
   const at::Tensor tembAct = Activate(c.act, emb);
-  const BlockInputs in{tembAct, context, options};
+  std::optional<GradientCheckpointing> checkpointing;
+  if (gradientCheckpointing && at::GradMode::is_enabled()) checkpointing.emplace(params_);
+  const BlockInputs in{tembAct, context, options, checkpointing ? &*checkpointing : nullptr};
 
   const std::vector<int64_t> one{1, 1}, padIn(2, (c.convInKernel - 1) / 2), padOut(2, (c.convOutKernel - 1) / 2);
   x = at::conv2d(x, convInW_, convInB_, one, padIn);
@@ -464,7 +468,8 @@ at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const a
 
 UNet2DConditionModel::BackwardResult UNet2DConditionModel::forwardBackward(
     const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoderHiddenStates,
-    const at::Tensor& gradOut, const AttentionOptions& options, bool encoderHiddenStatesRequiresGrad) {
+    const at::Tensor& gradOut, const AttentionOptions& options, bool encoderHiddenStatesRequiresGrad,
+    bool gradientCheckpointing) {
   std::unique_lock<std::shared_mutex> lock(mutex_);
   const TrainableMode mode = mode_.load();
   std::vector<std::pair<std::string, at::Tensor>> trainable;
@@ -488,7 +493,7 @@ UNet2DConditionModel::BackwardResult UNet2DConditionModel::forwardBackward(
   if (encoderHiddenStatesRequiresGrad) context.requires_grad_(true);
 
   BackwardResult result;
-  at::Tensor out = forwardImpl(sample, timesteps, CrossAttentionInput{context}, options);
+  at::Tensor out = forwardImpl(sample, timesteps, CrossAttentionInput{context}, options, gradientCheckpointing);
   Require(gradOut.defined() && gradOut.sizes() == out.sizes(),
           "gradOut must have the output's shape " + std::string(c10::str(out.sizes())));
   if (out.requires_grad()) out.backward(gradOut.to(out.options()));

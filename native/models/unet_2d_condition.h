@@ -72,8 +72,10 @@ class UNet2DConditionModel {
   // diffusers does); encoderHiddenStates [B, L, cross_attention_dim]. Inputs are moved to the model's
   // device and dtype. Records autograd if grad mode is on (the caller chooses: inference wraps it in
   // at::NoGradGuard). Takes the model's lock shared.
+  // With gradientCheckpointing (and grad mode on), every resnet and transformer of the blocks keeps
+  // only its inputs and runs again in the backward (diffusers' enable_gradient_checkpointing()).
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoderHiddenStates,
-                     const AttentionOptions& options = {}) const;
+                     const AttentionOptions& options = {}, bool gradientCheckpointing = false) const;
   // The same pass with every cross-attention's keys and values taken from `context` (made by this
   // model's prepareContext for a batch of sample's size). Inference only: no autograd is recorded.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const CrossAttentionContext& context) const;
@@ -101,7 +103,8 @@ class UNet2DConditionModel {
   // after the call; the gradients are handed back instead. Takes the model's lock exclusively.
   BackwardResult forwardBackward(const at::Tensor& sample, const at::Tensor& timesteps,
                                  const at::Tensor& encoderHiddenStates, const at::Tensor& gradOut,
-                                 const AttentionOptions& options, bool encoderHiddenStatesRequiresGrad);
+                                 const AttentionOptions& options, bool encoderHiddenStatesRequiresGrad,
+                                 bool gradientCheckpointing = false);
 
   // Sets requires_grad on exactly the parameters of `mode` (all others off, so autograd does no work
   // for frozen weights). Throws MODEL_BUSY when a forward pass is running.
@@ -115,7 +118,7 @@ class UNet2DConditionModel {
 
  private:
   at::Tensor forwardImpl(const at::Tensor& sample, const at::Tensor& timesteps, const CrossAttentionInput& context,
-                         const AttentionOptions& options) const;
+                         const AttentionOptions& options, bool gradientCheckpointing = false) const;
 
   UNetConfig config_;
   at::TensorOptions options_;

@@ -172,7 +172,7 @@ function buildCommand(): Command {
   cmd.addOption(new Option('--loss-weighting <w>', 'diffusers (default: masked instance term + plain prior term) or compvis (one masked formula for all)').choices(['diffusers', 'compvis']));
   cmd.option('--seed <n>', 'seeds the data order, augmentation and noise (default 42)', intArg(0));
   cmd.addOption(new Option('--mixed-precision <p>', 'autocast the forward passes (fp16: CUDA only); trained weights stay float32. Same as --dtype').choices(['no', 'fp16', 'bf16']));
-  cmd.option('--gradient-checkpointing', 'not available yet (the UNet has no checkpointed forward pass)');
+  cmd.option('--gradient-checkpointing', 'recompute UNet blocks in the backward pass: less memory, about a third more time per step');
 
   cmd.optionsGroup('Output:');
   cmd.option('-o, --output-dir <dir>', 'where delta.safetensors, run.json and checkpoints go');

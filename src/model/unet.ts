@@ -64,7 +64,7 @@ interface UNetBinding {
       timesteps: NativeTensor,
       encoderHiddenStates: NativeTensor,
       gradOut: NativeTensor,
-      options: { bosDetach?: boolean; ctxRequiresGrad?: boolean },
+      options: { bosDetach?: boolean; ctxRequiresGrad?: boolean; gradientCheckpointing?: boolean },
     ): Promise<{ out: NativeTensor; grads: Record<string, NativeTensor>; gradEncoderHiddenStates?: NativeTensor }>;
     setTrainable(handle: unknown, mode: TrainableMode): void;
     parameters(handle: unknown, trainableOnly: boolean): Record<string, NativeTensor>;
@@ -181,6 +181,12 @@ export interface UNetBackwardOptions {
   bosDetach?: boolean;
   /** Also return the gradient of `encoderHiddenStates` (for training the text encoder's token rows). */
   ctxRequiresGrad?: boolean;
+  /**
+   * Keep only each resnet's and transformer's inputs and recompute the block in the backward pass
+   * (diffusers' `enable_gradient_checkpointing()`): the same gradients with less memory, for about
+   * one more forward pass of time.
+   */
+  gradientCheckpointing?: boolean;
 }
 
 export interface UNetBackwardResult {
@@ -400,6 +406,7 @@ export class UNet {
       binding().forwardBackward(this.handle, sample.handle, t.handle, encoderHiddenStates.handle, gradOut.handle, {
         bosDetach: options.bosDetach === true,
         ctxRequiresGrad: options.ctxRequiresGrad === true,
+        gradientCheckpointing: options.gradientCheckpointing === true,
       }),
     );
     const grads: Record<string, Tensor> = {};

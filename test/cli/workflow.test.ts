@@ -44,7 +44,7 @@ describe('customdiff --help', () => {
 
 describe('customdiff train', () => {
   it('trains one concept with --json: start, steps, checkpoints, result; files written', () => {
-    const r = cli([...single(), '--max-train-steps', '3', '--checkpointing-steps', '2', '-o', 'single', '--json'], cwd);
+    const r = cli([...single(), '--max-train-steps', '3', '--checkpointing-steps', '2', '--gradient-checkpointing', '-o', 'single', '--json'], cwd);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const ev = events(r.stdout);
@@ -67,6 +67,7 @@ describe('customdiff train', () => {
     const run = JSON.parse(fs.readFileSync(path.join(out, 'run.json'), 'utf8'));
     expect(run.status).toBe('completed');
     expect(run.options.resolved.scaledLearningRate).toBeCloseTo(2e-4, 12); // 1e-4 × batch 1 × 2 (prior)
+    expect(run.options.gradientCheckpointing).toBe(true);
   });
 
   it('prints progress lines and a result for people when not on a terminal; --quiet keeps only the result', () => {

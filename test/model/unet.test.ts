@@ -197,6 +197,38 @@ describe.each(CONFIGS)('UNet2DConditionModel (%s) against diffusers', (config) =
     }
   });
 
+  it.each([['crossattn_kv'], ['crossattn']] as const)(
+    'gradient checkpointing (%s): the same output and gradients as the plain backward, and diffusers',
+    async (mode) => {
+      const c = await loadCase(config, 'unet_backward');
+      const info = caseInfo(config, 'unet_backward');
+      unet.setTrainable(mode);
+      const names = Object.keys(unet.parameters()).sort();
+      const opts = { ctxRequiresGrad: true, bosDetach: false };
+      const plain = await unet.forwardBackward(c.sample, c.timesteps, c.encoder_hidden_states, c.grad_out, opts);
+      const ckpt = await unet.forwardBackward(c.sample, c.timesteps, c.encoder_hidden_states, c.grad_out, {
+        ...opts,
+        gradientCheckpointing: true,
+      });
+      expect(await maxAbsDiff(ckpt.out, plain.out)).toBe(0);
+      expect(Object.keys(ckpt.grads).sort()).toEqual(names);
+      let worstPlain = 0;
+      let worstRef = 0;
+      for (const name of names) {
+        worstPlain = Math.max(worstPlain, await relError(ckpt.grads[name], plain.grads[name]));
+        worstRef = Math.max(worstRef, await relError(ckpt.grads[name], c[`grad.${name}`]));
+        // Every trainable layer gets a gradient through its checkpointed segment.
+        expect(values(ckpt.grads[name]).some((v) => v !== 0)).toBe(true);
+      }
+      measured.push(`${config} checkpointed ${mode} grads: rel ${worstPlain.toExponential(2)} vs plain, ${worstRef.toExponential(2)} vs diffusers`);
+      expect(worstPlain).toBeLessThanOrEqual(1e-6);
+      expect(worstRef).toBeLessThanOrEqual(1e-4);
+      const g = 'grad.encoder_hidden_states';
+      expect(await relError(ckpt.gradEncoderHiddenStates!, plain.gradEncoderHiddenStates!)).toBeLessThanOrEqual(1e-6);
+      await expectClose(config, 'checkpointed grad ctx', ckpt.gradEncoderHiddenStates!, c[g], info.expected[g].absmax, 5e-4);
+    },
+  );
+
   it("mode 'none': no parameter gradients; the context gradient alone when asked", async () => {
     const c = await loadCase(config, 'unet_backward');
     const info = caseInfo(config, 'unet_backward');

@@ -308,6 +308,40 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
     }
   });
 
+  it('with gradient checkpointing gives the losses, K/V weights and token row of the plain step', async () => {
+    const run = async (gradientCheckpointing: boolean) => {
+      const m = await loadModels('sd1');
+      addToken(m, p);
+      const step = TrainStep.create(m, { ...stepOptions(p), learningRate: 1e-3, gradientCheckpointing });
+      try {
+        const losses: number[] = [];
+        for (let i = 0; i < 3; i++) losses.push((await step.step(batchOf(i % 2))).loss);
+        const weights = await step.trainables();
+        const row = m.textEncoder.tokenRows([p.modifier_token_id]);
+        return { losses, weights, row: Array.from(row.toArray() as Float32Array) };
+      } finally {
+        step.dispose();
+        disposeModels(m);
+      }
+    };
+    const ckpt = await run(true);
+    const plain = await run(false);
+    ckpt.losses.forEach((l, i) => expect(Math.abs(l - plain.losses[i])).toBeLessThanOrEqual(1e-6 * Math.abs(plain.losses[i])));
+    let worst = 0;
+    for (const n of Object.keys(plain.weights)) {
+      const a = Array.from(ckpt.weights[n].toArray() as Float32Array);
+      const b = Array.from(plain.weights[n].toArray() as Float32Array);
+      const scale = Math.max(...b.map(Math.abs));
+      worst = Math.max(worst, Math.max(...a.map((v, i) => Math.abs(v - b[i]))) / scale);
+    }
+    const rowScale = Math.max(...plain.row.map(Math.abs));
+    const rowErr = Math.max(...ckpt.row.map((v, i) => Math.abs(v - plain.row[i]))) / rowScale;
+    measured.push(`sd1 gradient checkpointing vs plain after 3 steps: weights rel ${worst.toExponential(2)}, token row rel ${rowErr.toExponential(2)}`);
+    expect(Object.keys(ckpt.weights).sort()).toEqual(Object.keys(plain.weights).sort());
+    expect(worst).toBeLessThan(1e-5);
+    expect(rowErr).toBeLessThan(1e-5);
+  });
+
   it('accumulates gradients: only every N-th micro-batch updates, with the warmup schedule', async () => {
     const m = await loadModels('sd1');
     addToken(m, p);
@@ -367,7 +401,7 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
       const make = (o: object) => () => TrainStep.create(m, o as never);
       expect(make({ freezeModel: 'everything' })).toThrow(/freezeModel must be 'crossattn_kv' or 'crossattn'/);
       expect(make({ learningRte: 1 })).toThrow(/Unknown trainer option "learningRte"/);
-      expect(make({ gradientCheckpointing: true })).toThrow(/gradientCheckpointing is not available/);
+      expect(make({ gradientCheckpointing: 'yes' })).toThrow(/gradientCheckpointing/);
       expect(make({ mixedPrecision: 'fp16' })).toThrow(/needs a CUDA device/);
       expect(make({ tokenIds: [1514] })).toThrow(/0 added token rows but 1 modifier tokens/);
       expect(make({ gradientAccumulationSteps: 0 })).toThrow(InvalidArgumentError);

@@ -1,0 +1,44 @@
+// Gradient checkpointing, as torch.utils.checkpoint does it for diffusers' UNet blocks when
+// `enable_gradient_checkpointing()` is on: a segment (one resnet or one transformer) runs without
+// keeping its intermediate activations, and its backward runs the segment again to get them. Memory
+// drops from every activation of the UNet to the segments' inputs; time grows by one more forward.
+//
+// Unlike PyTorch's reentrant checkpoint, the segment's trainable parameters are inputs of the
+// recorded node, so gradients reach them through torch::autograd::grad(loss, params) as well as
+// through backward(): the training step asks for its gradients that way.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace cd::models {
+
+// A segment: inputs (tensors the segment gets from outside) → one output. It must compute the same
+// values every time it runs with the same inputs (no dropout, no random numbers).
+using Segment = std::function<at::Tensor(const std::vector<at::Tensor>&)>;
+
+// Runs `segment` on `inputs` without recording autograd and returns its output, attached to one
+// node whose backward runs the segment again with autograd on and returns the gradients of the
+// inputs and of `params` (the parameters the segment uses that require grad). With nothing that
+// requires grad (or grad mode off), it is just segment(inputs). The autocast state of the forward
+// is restored for the recomputation, so mixed-precision segments recompute the same values.
+at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inputs,
+                      const std::vector<at::Tensor>& params);
+
+// The trainable parameters of one forward pass, by diffusers name, for finding those of a segment.
+class GradientCheckpointing {
+ public:
+  // Keeps the tensors of `parameters` that require grad.
+  explicit GradientCheckpointing(const std::map<std::string, at::Tensor>& parameters);
+  // Those whose name starts with `prefix` ("down_blocks.0.attentions.1.").
+  std::vector<at::Tensor> under(const std::string& prefix) const;
+
+ private:
+  std::map<std::string, at::Tensor> trainable_;
+};
+
+}  // namespace cd::models
