@@ -145,25 +145,54 @@ export async function readForeignDelta(file: string, options: ReadForeignOptions
   return { ...finish(d), sourceFormat: 'diffusers-attn-procs' };
 }
 
-/** `<newN>.safetensors|.bin` next to a diffusers weights file, in N order. */
+/**
+ * The token files next to a diffusers weights file: each `<token>.safetensors|.bin` holding exactly
+ * `{token: row}` (what train_custom_diffusion.py and {@link exportDelta} write, whatever the token's
+ * text). `<newN>` tokens come first in N order, then the others by name; a token with both files is
+ * read from its `.safetensors`. Other files in the folder are left alone.
+ */
 async function addSiblingTokens(file: string, d: Delta, addToken: (d: Delta, token: string, row: Tensor) => void): Promise<void> {
   const dir = path.dirname(file);
-  const names = (await fs.readdir(dir)).filter((f) => /^<new\d+>\.(safetensors|bin)$/.test(f));
+  const weightsStem = path.basename(file).replace(/\.(safetensors|bin)$/, '');
   const byToken = new Map<string, string>();
-  for (const f of names) {
-    const tok = f.replace(/\.(safetensors|bin)$/, '');
-    if (!byToken.has(tok) || f.endsWith('.safetensors')) byToken.set(tok, f);
+  for (const f of await fs.readdir(dir)) {
+    const m = /^(.+)\.(safetensors|bin)$/.exec(f);
+    if (!m || m[1] === weightsStem) continue;
+    if (!byToken.has(m[1]) || f.endsWith('.safetensors')) byToken.set(m[1], f);
   }
-  const order = [...byToken.keys()].sort((a, b) => Number(a.slice(4, -1)) - Number(b.slice(4, -1)));
+  const newN = (t: string) => /^<new(\d+)>$/.exec(t);
+  const order = [...byToken.keys()].sort((a, b) => {
+    const na = newN(a);
+    const nb = newN(b);
+    if (na && nb) return Number(na[1]) - Number(nb[1]);
+    if (na || nb) return na ? -1 : 1;
+    return a < b ? -1 : a > b ? 1 : 0;
+  });
   for (const tok of order) {
     const f = path.join(dir, byToken.get(tok)!);
-    const tensors = f.endsWith('.safetensors')
-      ? (await loadSafetensors(f, { dtype: 'float32' })).tensors
-      : flattenTensors(await loadTorchFile(f, { dtype: 'float32' }));
-    const row = tensors[tok];
-    if (!row) throw new FileError(`${f}: no tensor named ${tok}`, f);
-    addToken(d, tok, (await rowsOf(row))[0]);
+    // A `<newN>` file must be a token file; any other name may be an unrelated file and is skipped
+    // unless it holds exactly {its name: row}.
+    const row = await readTokenFile(f, tok).catch((e: unknown) => {
+      if (newN(tok)) throw e;
+      return null;
+    });
+    if (row) addToken(d, tok, row);
+    else if (newN(tok)) throw new FileError(`${f}: no tensor named ${tok}`, f);
   }
+}
+
+/** The row of a `{token: row}` file, or null when the file holds anything else. */
+async function readTokenFile(f: string, tok: string): Promise<Tensor | null> {
+  if (f.endsWith('.safetensors')) {
+    const names = (await readSafetensorsHeader(f)).entries.map((e) => e.name);
+    if (names.length !== 1 || names[0] !== tok) return null;
+  }
+  const tensors = f.endsWith('.safetensors')
+    ? (await loadSafetensors(f, { dtype: 'float32' })).tensors
+    : flattenTensors(await loadTorchFile(f, { dtype: 'float32' }));
+  const row = tensors[tok];
+  if (!(row instanceof Tensor) || Object.keys(tensors).length !== 1) return null;
+  return (await rowsOf(row))[0];
 }
 
 /**

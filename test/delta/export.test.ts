@@ -196,6 +196,30 @@ describe('exportDelta round trips through our importers, bit for bit', () => {
     expect([Object.keys(tok.tensors), tok.tensors['<new1>'].shape, tok.metadata]).toEqual([['<new1>'], [32], { format: 'pt' }]);
   });
 
+  it('reads back attention-processor token files of any name; other files in the folder are left alone', async () => {
+    const row = deltas.full.tokenRows['<new1>'];
+    const named: Delta = {
+      ...deltas.full,
+      tokens: [{ ...deltas.full.tokens[0], token: '<cat-toy>' }],
+      tokenRows: { '<cat-toy>': row },
+    };
+    for (const serialization of ['safetensors', 'bin'] as const) {
+      const dir = path.join(tmp.dir, `named-${serialization}`);
+      const r = await exportDelta(named, 'diffusers-attn-procs', dir, { serialization });
+      expect(r.files.map((f) => path.basename(f))).toEqual([`pytorch_custom_diffusion_weights.${serialization}`, `<cat-toy>.${serialization}`]);
+      // Something else a training folder may hold: a two-tensor safetensors file and a text file.
+      fs.copyFileSync(path.join(FIX, 'concept2.safetensors'), path.join(dir, 'other.safetensors'));
+      fs.writeFileSync(path.join(dir, 'notes.bin'), 'not a pickle');
+      const back = await openDelta(r.files[0]);
+      expect(back.tokens.map((t) => t.token)).toEqual(['<cat-toy>']);
+      expect(bits(back.tokenRows['<cat-toy>'])).toEqual(bits(row));
+    }
+    // A <newN> file that is not a token file is an error, as before.
+    const dir = path.join(tmp.dir, 'named-safetensors');
+    fs.copyFileSync(path.join(FIX, 'concept2.safetensors'), path.join(dir, '<new3>.safetensors'));
+    await expect(openDelta(path.join(dir, 'pytorch_custom_diffusion_weights.safetensors'))).rejects.toThrow(/no tensor named <new3>/);
+  });
+
   it('exports float16 when asked', async () => {
     const out = path.join(tmp.dir, 'fp16.bin');
     await exportDelta(deltas.full, 'diffusers-delta-bin', out, { dtype: 'float16' });
