@@ -39,6 +39,7 @@ FIXTURE = os.path.join(ROOT, "test", "fixtures", "parity", "sd1", "model")
 
 TRAIN_TARGET_RATIO = 0.8
 TRAIN_TARGET_PEAK_GB = 16.0
+SAMPLE_BATCH_TARGET_GB = 8.0
 
 
 def now() -> float:
@@ -582,6 +583,13 @@ def summarize(r: dict) -> dict:
         rm = (g.get("reference") or {}).get("memory") or {}
         sm["oursPeakAllocatedGB"] = gb(om.get("peakAllocatedBytes"))
         sm["diffusersPeakAllocatedGB"] = gb(rm.get("peakAllocatedBytes"))
+        # The memory bar: a 4-image 512 px SD1.5 batch (8 UNet rows with guidance) in 8 GB.
+        mm = g.get("oursMemoryAfterMixed") or {}
+        mixed_images = (g.get("mixedConcepts") or {}).get("images")
+        sm["batchPeakReservedGB"] = gb(mm.get("peakReservedBytes"))
+        sm["batchImages"] = mixed_images
+        sm["meetsEightGB"] = (None if sm["batchPeakReservedGB"] is None or mixed_images != 4 or g.get("size") != 512
+                              else sm["batchPeakReservedGB"] <= SAMPLE_BATCH_TARGET_GB)
         s["sample"] = sm
     b = (sec.get("build") or {}).get("data")
     if b:
@@ -655,6 +663,9 @@ def render_markdown(r: dict) -> str:
             )
         if g.get("oursPeakAllocatedGB") is not None or g.get("diffusersPeakAllocatedGB") is not None:
             lines.append(f"| Peak GPU memory, sampling (allocated) | {fmt(g.get('oursPeakAllocatedGB'), ' GB', 2)} | {fmt(g.get('diffusersPeakAllocatedGB'), ' GB', 2)} | | |")
+        if g.get("batchPeakReservedGB") is not None:
+            lines.append(f"| Peak GPU memory of the {g.get('batchImages')}-image batch (reserved; target ≤ {SAMPLE_BATCH_TARGET_GB:g} GB at 512 px) | "
+                         f"{fmt(g.get('batchPeakReservedGB'), ' GB', 2)} | | | {fmt(g.get('meetsEightGB'))} |")
     p = s.get("parity")
     if p:
         lines += ["", "| Parity dtype | Within tolerance | Errors | Skipped | Worst (relative error / tolerance) |", "|---|---|---|---|---|"]
