@@ -3,7 +3,8 @@
 // What gradient checkpointing buys: peak memory of Custom Diffusion training steps with and without
 // it, and what it costs in step time. Each mode runs in its own child process (a fresh allocator, so
 // peaks do not mix): load the model, take the resident size, run the steps, and report the peak
-// resident size (VmHWM) above the loaded baseline, which is what the step's activations took. The
+// resident size (VmHWM, reset after loading) above the loaded baseline, which is what the steps
+// took (activations, gradients, optimizer state). The
 // gradients are the same either way (test/model/unet.test.ts, test/train/train-step.test.ts).
 //
 //   npm run build:ts && node bench/checkpointing.js [--model DIR] [--resolution 256] [--batch 1]
@@ -54,6 +55,9 @@ async function child(cfg) {
     { learningRate: 1e-5, tokenIds: [id], gradientCheckpointing: cfg.checkpointing },
   );
   const gen = new cd.Generator(0);
+  // Loading peaks above what stays resident (mapped file pages and their copies): start the
+  // high-water mark afresh here ("5" resets VmHWM to the current RSS; Linux ≥ 4.0).
+  fs.writeFileSync('/proc/self/clear_refs', '5');
   const baseline = status('VmRSS');
   const times = [];
   let loss = 0;

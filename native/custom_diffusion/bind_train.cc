@@ -1,6 +1,6 @@
 // JS bindings of custom_diffusion/train_step, as the addon's `trainer` object:
 //   create(unet, textEncoder, vae | null, schedulerConfigJson, options) → handle
-//   step(handle, batch, generator?) → Promise<{loss, lr, gradNorm, optimizerStepped, skipped, optimizerSteps, microSteps, textCacheHits, latentCacheHits}>
+//   step(handle, batch, generator?) → Promise<{loss, lr, gradNorm, optimizerStepped, skipped, optimizerSteps, microSteps, textCacheHits, latentCacheHits, checkpointedSegments}>
 //   trainables(handle) → Promise<{name: Tensor}>          setTrainables(handle, {name: Tensor}) → Promise<void>
 //   optimizerState(handle) → Promise<{...}>              setOptimizerState(handle, state) → Promise<void>
 //   info(handle), learningRateAt(handle, step), dispose(handle)
@@ -131,6 +131,7 @@ Napi::Value Step(const Napi::CallbackInfo& info) {
         o.Set("microSteps", static_cast<double>(r.microSteps));
         o.Set("textCacheHits", static_cast<double>(r.textCacheHits));
         o.Set("latentCacheHits", static_cast<double>(r.latentCacheHits));
+        o.Set("checkpointedSegments", static_cast<double>(r.checkpointedSegments));
         return o;
       };
     });

@@ -354,7 +354,9 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
     AutocastScope autocast(o.mixedPrecision, device_.type());
     models::AttentionOptions attn;
     attn.bosDetach = true;
-    pred = unet_->forward(noisy, timesteps, context, attn, o.gradientCheckpointing);
+    int64_t segments = 0;
+    pred = unet_->forward(noisy, timesteps, context, attn, o.gradientCheckpointing, &segments);
+    checkpointedSegments_ += segments;
   }
 
   at::Tensor mask = batch.masks.to(floatOpts);
@@ -404,6 +406,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
     r.optimizerSteps = optimizerSteps_;
     r.microSteps = microSteps_;
     r.textCacheHits = textCacheHits_;
+    r.checkpointedSegments = checkpointedSegments_;
     r.latentCacheHits = latentCacheHits_;
     return r;
   }
@@ -445,9 +448,11 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
       r.optimizerSteps = optimizerSteps_;
       r.microSteps = microSteps_;
       r.textCacheHits = textCacheHits_;
+      r.checkpointedSegments = checkpointedSegments_;
       r.latentCacheHits = latentCacheHits_;
     r.latentCacheHits = latentCacheHits_;
     r.textCacheHits = textCacheHits_;
+    r.checkpointedSegments = checkpointedSegments_;
     r.latentCacheHits = latentCacheHits_;
       return r;
     }
@@ -490,6 +495,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   r.optimizerSteps = optimizerSteps_;
   r.microSteps = microSteps_;
   r.textCacheHits = textCacheHits_;
+  r.checkpointedSegments = checkpointedSegments_;
   r.latentCacheHits = latentCacheHits_;
   return r;
 }

@@ -130,6 +130,7 @@ struct StepResult {
   int64_t microSteps = 0;      // micro-batches processed so far (after this call)
   int64_t textCacheHits = 0;   // prompt rows served from the text-embedding cache so far
   int64_t latentCacheHits = 0; // class examples served from the posterior cache so far
+  int64_t checkpointedSegments = 0;  // UNet blocks run with gradient checkpointing so far
 };
 
 // AdamW state and counters, for checkpoints.
@@ -203,6 +204,7 @@ class TrainStep {
   // cacheClassLatents: exact pixel bytes (+ shape, dtype) of a class example → posterior (mean, std).
   std::map<std::string, std::pair<at::Tensor, at::Tensor>> latentCache_;
   int64_t latentCacheHits_ = 0;
+  int64_t checkpointedSegments_ = 0;
   int64_t optimizerSteps_ = 0;
   int64_t microSteps_ = 0;
   int64_t cycleMicro_ = 0;  // micro-batches in the current accumulation cycle

@@ -190,6 +190,7 @@ Napi::Value ForwardBackward(const Napi::CallbackInfo& info) {
         Napi::Object grads = Napi::Object::New(e);
         for (const auto& [name, g] : r->grads) grads.Set(name, TensorWrap::New(e, g));
         o.Set("grads", grads);
+        o.Set("checkpointedSegments", Napi::Number::New(e, static_cast<double>(r->checkpointedSegments)));
         if (r->gradEncoderHiddenStates.defined())
           o.Set("gradEncoderHiddenStates", TensorWrap::New(e, r->gradEncoderHiddenStates));
         return o;

@@ -165,4 +165,10 @@ std::vector<at::Tensor> GradientCheckpointing::under(const std::string& prefix) 
   return out;
 }
 
+at::Tensor GradientCheckpointing::run(const Segment& segment, const std::vector<at::Tensor>& inputs,
+                                      const std::string& prefix) const {
+  ++segments_;
+  return Checkpoint(segment, inputs, under(prefix));
+}
+
 }  // namespace cd::models

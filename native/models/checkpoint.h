@@ -36,9 +36,14 @@ class GradientCheckpointing {
   explicit GradientCheckpointing(const std::map<std::string, at::Tensor>& parameters);
   // Those whose name starts with `prefix` ("down_blocks.0.attentions.1.").
   std::vector<at::Tensor> under(const std::string& prefix) const;
+  // Runs `segment` checkpointed with the trainable parameters under `prefix`, and counts it.
+  at::Tensor run(const Segment& segment, const std::vector<at::Tensor>& inputs, const std::string& prefix) const;
+  // How many segments ran checkpointed (so callers and tests can see the memory-saving path ran).
+  int64_t segments() const { return segments_; }
 
  private:
   std::map<std::string, at::Tensor> trainable_;
+  mutable int64_t segments_ = 0;
 };
 
 }  // namespace cd::models

@@ -23,8 +23,8 @@ BlockResnet MakeResnet(const Weights::Scope& scope, int64_t inChannels, int64_t 
 at::Tensor BlockResnet::forward(const at::Tensor& x, const BlockInputs& in) const {
   if (!in.checkpointing) return module.forward(x, in.tembAct);
   const ResnetBlock2D* m = &module;
-  return Checkpoint([m](const std::vector<at::Tensor>& v) { return m->forward(v[0], v[1]); }, {x, in.tembAct},
-                    in.checkpointing->under(prefix));
+  return in.checkpointing->run([m](const std::vector<at::Tensor>& v) { return m->forward(v[0], v[1]); },
+                               {x, in.tembAct}, prefix);
 }
 
 at::Tensor BlockTransformer::forward(const at::Tensor& x, const BlockInputs& in) const {
@@ -32,9 +32,9 @@ at::Tensor BlockTransformer::forward(const at::Tensor& x, const BlockInputs& in)
   Require(!in.context.kv, "Gradient checkpointing needs encoder_hidden_states, not prepared keys and values");
   const Transformer2DModel* m = &module;
   const AttentionOptions options = in.attention;  // by value: the backward runs after this call returns
-  return Checkpoint(
+  return in.checkpointing->run(
       [m, options](const std::vector<at::Tensor>& v) { return m->forward(v[0], CrossAttentionInput{v[1]}, options); },
-      {x, in.context.states}, in.checkpointing->under(prefix));
+      {x, in.context.states}, prefix);
 }
 
 void DownBlock::collectCrossAttention(std::vector<Attention*>& out) {

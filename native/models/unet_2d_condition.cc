@@ -298,11 +298,11 @@ UNet2DConditionModel::UNet2DConditionModel(UNetConfig config, Weights weights)
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
                                          const at::Tensor& encoderHiddenStates, const AttentionOptions& options,
-                                         bool gradientCheckpointing) const {
+                                         bool gradientCheckpointing, int64_t* checkpointedSegments) const {
   Require(encoderHiddenStates.defined(), "encoder_hidden_states is required");
   std::shared_lock<std::shared_mutex> lock(mutex_);
   return forwardImpl(sample, timesteps, CrossAttentionInput{encoderHiddenStates.to(options_)}, options,
-                     gradientCheckpointing);
+                     gradientCheckpointing, checkpointedSegments);
 }
 
 at::Tensor UNet2DConditionModel::forward(const at::Tensor& sample, const at::Tensor& timesteps,
@@ -410,7 +410,8 @@ std::shared_ptr<const CrossAttentionContext> UNet2DConditionModel::prepareContex
 
 at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const at::Tensor& timestepsIn,
                                              const CrossAttentionInput& context,
-                                             const AttentionOptions& options, bool gradientCheckpointing) const {
+                                             const AttentionOptions& options, bool gradientCheckpointing,
+                                             int64_t* checkpointedSegments) const {
   const UNetConfig& c = config_;
   Require(sampleIn.defined() && sampleIn.dim() == 4 && sampleIn.size(1) == c.inChannels,
           "sample must have shape [batch, " + std::to_string(c.inChannels) + ", height, width]");
@@ -462,6 +463,7 @@ at::Tensor UNet2DConditionModel::forwardImpl(const at::Tensor& sampleIn, const a
     x = up_[i].forward(x, in, skips, size);
   }
 
+  if (checkpointedSegments) *checkpointedSegments = checkpointing ? checkpointing->segments() : 0;
   x = Activate(c.act, at::group_norm(x, c.normNumGroups, normOutW_, normOutB_, c.normEps));
   return at::conv2d(x, convOutW_, convOutB_, one, padOut);
 }
@@ -493,7 +495,8 @@ UNet2DConditionModel::BackwardResult UNet2DConditionModel::forwardBackward(
   if (encoderHiddenStatesRequiresGrad) context.requires_grad_(true);
 
   BackwardResult result;
-  at::Tensor out = forwardImpl(sample, timesteps, CrossAttentionInput{context}, options, gradientCheckpointing);
+  at::Tensor out = forwardImpl(sample, timesteps, CrossAttentionInput{context}, options, gradientCheckpointing,
+                               &result.checkpointedSegments);
   Require(gradOut.defined() && gradOut.sizes() == out.sizes(),
           "gradOut must have the output's shape " + std::string(c10::str(out.sizes())));
   if (out.requires_grad()) out.backward(gradOut.to(out.options()));

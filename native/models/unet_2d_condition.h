@@ -75,7 +75,8 @@ class UNet2DConditionModel {
   // With gradientCheckpointing (and grad mode on), every resnet and transformer of the blocks keeps
   // only its inputs and runs again in the backward (diffusers' enable_gradient_checkpointing()).
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const at::Tensor& encoderHiddenStates,
-                     const AttentionOptions& options = {}, bool gradientCheckpointing = false) const;
+                     const AttentionOptions& options = {}, bool gradientCheckpointing = false,
+                     int64_t* checkpointedSegments = nullptr) const;
   // The same pass with every cross-attention's keys and values taken from `context` (made by this
   // model's prepareContext for a batch of sample's size). Inference only: no autograd is recorded.
   at::Tensor forward(const at::Tensor& sample, const at::Tensor& timesteps, const CrossAttentionContext& context) const;
@@ -98,6 +99,7 @@ class UNet2DConditionModel {
     at::Tensor out;
     std::vector<std::pair<std::string, at::Tensor>> grads;  // exactly the trainable parameters, in name order
     at::Tensor gradEncoderHiddenStates;                    // defined when asked for
+    int64_t checkpointedSegments = 0;                      // resnets and transformers run checkpointed
   };
   // forward, then backward of sum(out · gradOut). The parameters' .grad fields are empty before and
   // after the call; the gradients are handed back instead. Takes the model's lock exclusively.
@@ -118,7 +120,8 @@ class UNet2DConditionModel {
 
  private:
   at::Tensor forwardImpl(const at::Tensor& sample, const at::Tensor& timesteps, const CrossAttentionInput& context,
-                         const AttentionOptions& options, bool gradientCheckpointing = false) const;
+                         const AttentionOptions& options, bool gradientCheckpointing = false,
+                         int64_t* checkpointedSegments = nullptr) const;
 
   UNetConfig config_;
   at::TensorOptions options_;

@@ -65,7 +65,7 @@ interface UNetBinding {
       encoderHiddenStates: NativeTensor,
       gradOut: NativeTensor,
       options: { bosDetach?: boolean; ctxRequiresGrad?: boolean; gradientCheckpointing?: boolean },
-    ): Promise<{ out: NativeTensor; grads: Record<string, NativeTensor>; gradEncoderHiddenStates?: NativeTensor }>;
+    ): Promise<{ out: NativeTensor; grads: Record<string, NativeTensor>; gradEncoderHiddenStates?: NativeTensor; checkpointedSegments: number }>;
     setTrainable(handle: unknown, mode: TrainableMode): void;
     parameters(handle: unknown, trainableOnly: boolean): Record<string, NativeTensor>;
     info(handle: unknown): NativeUNetInfo;
@@ -196,6 +196,8 @@ export interface UNetBackwardResult {
   grads: Record<string, Tensor>;
   /** d(sum(out · gradOut)) / d encoderHiddenStates, when `ctxRequiresGrad` was set. */
   gradEncoderHiddenStates?: Tensor;
+  /** Resnets and transformers that ran checkpointed (0 without `gradientCheckpointing`). */
+  checkpointedSegments: number;
 }
 
 /** A parameter filter: a substring, a regular expression or a predicate on the diffusers name. */
@@ -411,7 +413,7 @@ export class UNet {
     );
     const grads: Record<string, Tensor> = {};
     for (const [name, g] of Object.entries(r.grads)) grads[name] = new Tensor(g);
-    const result: UNetBackwardResult = { out: new Tensor(r.out), grads };
+    const result: UNetBackwardResult = { out: new Tensor(r.out), grads, checkpointedSegments: r.checkpointedSegments };
     if (r.gradEncoderHiddenStates) result.gradEncoderHiddenStates = new Tensor(r.gradEncoderHiddenStates);
     return result;
   }

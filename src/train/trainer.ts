@@ -141,6 +141,8 @@ export interface TrainStepResult {
   textCacheHits: number;
   /** Class examples served from the VAE posterior cache so far. */
   latentCacheHits: number;
+  /** UNet resnets and transformers run with gradient checkpointing so far (0 without it). */
+  checkpointedSegments: number;
 }
 
 interface NativeTrainerInfo {

@@ -43,6 +43,16 @@ async function expectClose(
   return rel;
 }
 
+/** Resnets + transformers of a UNet config: what gradient checkpointing runs as segments. */
+function segmentsOf(config: string): number {
+  const c = JSON.parse(fs.readFileSync(path.join(modelDir(config), 'config.json'), 'utf8'));
+  const cross = (t: string) => (t.startsWith('CrossAttn') ? 1 : 0);
+  const n = c.layers_per_block as number;
+  const down = (c.down_block_types as string[]).reduce((s, t) => s + n * (1 + cross(t)), 0);
+  const up = (c.up_block_types as string[]).reduce((s, t) => s + (n + 1) * (1 + cross(t)), 0);
+  return down + 3 + up; // the mid block: resnet, transformer, resnet
+}
+
 function caseInfo(config: string, name: string) {
   return readManifest(config).cases[name];
 }
@@ -211,6 +221,9 @@ describe.each(CONFIGS)('UNet2DConditionModel (%s) against diffusers', (config) =
         gradientCheckpointing: true,
       });
       expect(await maxAbsDiff(ckpt.out, plain.out)).toBe(0);
+      // The memory-saving path ran: every resnet and transformer of the blocks was a segment.
+      expect(plain.checkpointedSegments).toBe(0);
+      expect(ckpt.checkpointedSegments).toBe(segmentsOf(config));
       expect(Object.keys(ckpt.grads).sort()).toEqual(names);
       let worstPlain = 0;
       let worstRef = 0;

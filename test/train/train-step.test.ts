@@ -315,7 +315,14 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
       const step = TrainStep.create(m, { ...stepOptions(p), learningRate: 1e-3, gradientCheckpointing });
       try {
         const losses: number[] = [];
-        for (let i = 0; i < 3; i++) losses.push((await step.step(batchOf(i % 2))).loss);
+        let segments = 0;
+        for (let i = 0; i < 3; i++) {
+          const r = await step.step(batchOf(i % 2));
+          losses.push(r.loss);
+          segments = r.checkpointedSegments;
+        }
+        // 18 resnets and transformers in the sd1 fixture's UNet, once per step, only when asked.
+        expect(segments).toBe(gradientCheckpointing ? 3 * 18 : 0);
         const weights = await step.trainables();
         const row = m.textEncoder.tokenRows([p.modifier_token_id]);
         return { losses, weights, row: Array.from(row.toArray() as Float32Array) };
