@@ -51,7 +51,10 @@ import { folderSize, replaceFolder, writePipelineFolder } from './folder';
 import { DiffusionPretrainer, VaePretrainer, modelTensors } from './trainer';
 
 export interface ToyVaePhaseOptions {
-  /** Optimizer steps (default 1500). */
+  /**
+   * Optimizer steps (default 4000: at 1500 the autoencoder gave back 80% of small-shape pictures that
+   * the strict judge still reads right, 1000 more raised that to 90%).
+   */
   steps?: number;
   /** Images per step (default 32). */
   batchSize?: number;
@@ -64,7 +67,7 @@ export interface ToyVaePhaseOptions {
 }
 
 export interface ToyUnetPhaseOptions {
-  /** Optimizer steps (default 9000; the feasibility run's held-out shape accuracy was still rising at 4.3k). */
+  /** Optimizer steps (default 15000; held-out shape accuracy was still rising at 9k). */
   steps?: number;
   /** Examples per step (default 32). */
   batchSize?: number;
@@ -203,9 +206,9 @@ export async function pretrainToy(options: ToyPretrainOptions): Promise<ToyPretr
   const signal = options.signal;
   const vo = options.vae ?? {};
   const uo = options.unet ?? {};
-  const vaeSteps = positiveInt(vo.steps, 'vae.steps', 1500);
+  const vaeSteps = positiveInt(vo.steps, 'vae.steps', 4000);
   const vaeBatch = positiveInt(vo.batchSize, 'vae.batchSize', 32);
-  const unetSteps = positiveInt(uo.steps, 'unet.steps', 9000);
+  const unetSteps = positiveInt(uo.steps, 'unet.steps', 15000);
   const unetBatch = positiveInt(uo.batchSize, 'unet.batchSize', 32);
   const cacheImages = positiveInt(options.cacheImages, 'cacheImages', 20000);
   const scaleImages = positiveInt(options.scaleImages, 'scaleImages', 1024);
