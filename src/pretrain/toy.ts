@@ -442,8 +442,9 @@ export async function pretrainToy(options: ToyPretrainOptions): Promise<ToyPretr
       seed,
       threads,
       config,
-      vae: { steps: vaeSteps, batchSize: vaeBatch, ...vo, firstLoss: vaeEnds.first, lastLoss: vaeEnds.last },
-      unet: { steps: unetSteps, batchSize: unetBatch, ...uo, emaDecay, firstLoss: unetEnds.first, lastLoss: unetEnds.last },
+      // The options first, so that an option given as undefined does not hide the value that ran.
+      vae: { ...vo, steps: vaeSteps, batchSize: vaeBatch, firstLoss: vaeEnds.first, lastLoss: vaeEnds.last },
+      unet: { ...uo, steps: unetSteps, batchSize: unetBatch, emaDecay, firstLoss: unetEnds.first, lastLoss: unetEnds.last },
       cacheImages,
       scalingFactor,
       dtype: options.dtype ?? 'float16',
