@@ -1,13 +1,14 @@
 #include "custom_diffusion/train_step.h"
 
-#include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <map>
+#include <optional>
 #include <set>
 
+#include "core/autocast.h"
 #include "core/errors.h"
 #include "models/autoencoder_kl.h"
 #include "models/clip_text.h"
@@ -19,34 +20,15 @@ namespace {
 
 std::string Shape(const at::Tensor& t) { return c10::str(t.sizes()); }
 
-// Turns autocast on for one device type for the lifetime of the object (thread-local, like torch's
-// `with torch.autocast(...)`), restoring the previous state after.
+// Autocast for the forward passes when mixed precision is on (fp16 or bf16); nothing otherwise.
 class AutocastScope {
  public:
   AutocastScope(MixedPrecision mp, c10::DeviceType device) {
-    if (mp == MixedPrecision::No) return;
-    device_ = device;
-    active_ = true;
-    prevEnabled_ = at::autocast::is_autocast_enabled(device);
-    prevDtype_ = at::autocast::get_autocast_dtype(device);
-    at::autocast::set_autocast_enabled(device, true);
-    at::autocast::set_autocast_dtype(device, mp == MixedPrecision::Fp16 ? at::kHalf : at::kBFloat16);
-    at::autocast::increment_nesting();
+    if (mp != MixedPrecision::No) guard_.emplace(device, true, mp == MixedPrecision::Fp16 ? at::kHalf : at::kBFloat16);
   }
-  ~AutocastScope() {
-    if (!active_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(device_, prevEnabled_);
-    at::autocast::set_autocast_dtype(device_, prevDtype_);
-  }
-  AutocastScope(const AutocastScope&) = delete;
-  AutocastScope& operator=(const AutocastScope&) = delete;
 
  private:
-  bool active_ = false;
-  c10::DeviceType device_ = c10::kCPU;
-  bool prevEnabled_ = false;
-  at::ScalarType prevDtype_ = at::kFloat;
+  std::optional<AutocastGuard> guard_;
 };
 
 void RequireIntegral(const at::Tensor& t, const char* what) {

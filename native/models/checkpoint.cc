@@ -1,6 +1,5 @@
 #include "models/checkpoint.h"
 
-#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -8,6 +7,8 @@
 #include <memory>
 #include <optional>
 #include <utility>
+
+#include "core/autocast.h"
 
 namespace cd::models {
 
@@ -25,29 +26,6 @@ struct AutocastState {
   static AutocastState Capture(c10::DeviceType device) {
     return {device, at::autocast::is_autocast_enabled(device), at::autocast::get_autocast_dtype(device)};
   }
-};
-
-class AutocastRestore {
- public:
-  explicit AutocastRestore(const AutocastState& want) : saved_(AutocastState::Capture(want.device)) {
-    at::autocast::set_autocast_enabled(want.device, want.enabled);
-    at::autocast::set_autocast_dtype(want.device, want.dtype);
-    if (want.enabled) {
-      at::autocast::increment_nesting();
-      nested_ = true;
-    }
-  }
-  ~AutocastRestore() {
-    if (nested_ && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(saved_.device, saved_.enabled);
-    at::autocast::set_autocast_dtype(saved_.device, saved_.dtype);
-  }
-  AutocastRestore(const AutocastRestore&) = delete;
-  AutocastRestore& operator=(const AutocastRestore&) = delete;
-
- private:
-  AutocastState saved_;
-  bool nested_ = false;
 };
 
 class CheckpointBackward : public torch::autograd::Node {
@@ -88,7 +66,7 @@ class CheckpointBackward : public torch::autograd::Node {
     at::Tensor out;
     {
       at::AutoGradMode gradMode(true);
-      AutocastRestore autocast(autocast_);
+      AutocastGuard autocast(autocast_.device, autocast_.enabled, autocast_.dtype);
       out = segment_(leaves);
     }
     if (!out.requires_grad()) return result;
