@@ -89,8 +89,7 @@ class CheckpointBackward : public torch::autograd::Node {
   AutocastState autocast_;
 };
 
-}  // namespace
-
+// `params`: the segment's parameters that require grad.
 at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inputs,
                       const std::vector<at::Tensor>& params) {
   std::vector<bool> needsGrad;
@@ -99,10 +98,7 @@ at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inp
     needsGrad.push_back(x.defined() && x.requires_grad());
     any = any || needsGrad.back();
   }
-  std::vector<at::Tensor> trainable;
-  for (const auto& p : params)
-    if (p.requires_grad()) trainable.push_back(p);
-  any = any || !trainable.empty();
+  any = any || !params.empty();
   if (!any || !at::GradMode::is_enabled()) return segment(inputs);
 
   c10::DeviceType device = c10::kCPU;
@@ -121,9 +117,9 @@ at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inp
   // Only the inputs are kept (detached: their own graphs stay reachable through the edges).
   std::vector<at::Tensor> saved;
   for (const auto& x : inputs) saved.push_back(x.defined() ? x.detach() : at::Tensor());
-  auto node = c10::make_intrusive<CheckpointBackward>(segment, std::move(saved), needsGrad, trainable, autocast);
+  auto node = c10::make_intrusive<CheckpointBackward>(segment, std::move(saved), needsGrad, params, autocast);
   std::vector<at::Tensor> edgesOf = inputs;
-  edgesOf.insert(edgesOf.end(), trainable.begin(), trainable.end());
+  edgesOf.insert(edgesOf.end(), params.begin(), params.end());
   for (size_t i = 0; i < inputs.size(); ++i)
     if (!needsGrad[i]) edgesOf[i] = at::Tensor();  // no edge: nothing to send back there
   node->set_next_edges(torch::autograd::collect_next_edges(edgesOf));
@@ -131,22 +127,20 @@ at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inp
   return out;
 }
 
+}  // namespace
+
 GradientCheckpointing::GradientCheckpointing(const std::map<std::string, at::Tensor>& parameters) {
   for (const auto& [name, t] : parameters)
     if (t.requires_grad()) trainable_.emplace(name, t);
 }
 
-std::vector<at::Tensor> GradientCheckpointing::under(const std::string& prefix) const {
-  std::vector<at::Tensor> out;
-  for (auto it = trainable_.lower_bound(prefix); it != trainable_.end() && it->first.rfind(prefix, 0) == 0; ++it)
-    out.push_back(it->second);
-  return out;
-}
-
 at::Tensor GradientCheckpointing::run(const Segment& segment, const std::vector<at::Tensor>& inputs,
                                       const std::string& prefix) const {
   ++segments_;
-  return Checkpoint(segment, inputs, under(prefix));
+  std::vector<at::Tensor> params;
+  for (auto it = trainable_.lower_bound(prefix); it != trainable_.end() && it->first.rfind(prefix, 0) == 0; ++it)
+    params.push_back(it->second);
+  return Checkpoint(segment, inputs, params);
 }
 
 }  // namespace cd::models

@@ -21,22 +21,17 @@ namespace cd::models {
 // values every time it runs with the same inputs (no dropout, no random numbers).
 using Segment = std::function<at::Tensor(const std::vector<at::Tensor>&)>;
 
-// Runs `segment` on `inputs` without recording autograd and returns its output, attached to one
-// node whose backward runs the segment again with autograd on and returns the gradients of the
-// inputs and of `params` (the parameters the segment uses that require grad). With nothing that
-// requires grad (or grad mode off), it is just segment(inputs). The autocast state of the forward
-// is restored for the recomputation, so mixed-precision segments recompute the same values.
-at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inputs,
-                      const std::vector<at::Tensor>& params);
-
-// The trainable parameters of one forward pass, by diffusers name, for finding those of a segment.
+// Checkpointing for one forward pass: it knows the pass's trainable parameters by diffusers name,
+// so a segment gets exactly those under its prefix ("down_blocks.0.attentions.1.").
 class GradientCheckpointing {
  public:
   // Keeps the tensors of `parameters` that require grad.
   explicit GradientCheckpointing(const std::map<std::string, at::Tensor>& parameters);
-  // Those whose name starts with `prefix` ("down_blocks.0.attentions.1.").
-  std::vector<at::Tensor> under(const std::string& prefix) const;
-  // Runs `segment` checkpointed with the trainable parameters under `prefix`, and counts it.
+  // Runs `segment` on `inputs` without recording autograd and returns its output, attached to one
+  // node whose backward runs the segment again with autograd on and returns the gradients of the
+  // inputs and of the trainable parameters under `prefix`. With nothing that requires grad (or
+  // grad mode off), it is just segment(inputs). The forward's autocast state is restored for the
+  // recomputation, so mixed-precision segments recompute the same values.
   at::Tensor run(const Segment& segment, const std::vector<at::Tensor>& inputs, const std::string& prefix) const;
   // How many segments ran checkpointed (so callers and tests can see the memory-saving path ran).
   int64_t segments() const { return segments_; }
