@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "core/autocast.h"
@@ -89,6 +90,16 @@ class CheckpointBackward : public torch::autograd::Node {
   AutocastState autocast_;
 };
 
+// Autograd nodes are owned by std::shared_ptr in LibTorch up to 2.11 and by c10::intrusive_ptr in
+// later releases; the addon builds against both (the GPU machines run 2.11, the registry's is newer).
+template <typename T, typename... Args>
+auto MakeNode(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>)
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  else
+    return std::make_shared<T>(std::forward<Args>(args)...);
+}
+
 // `params`: the segment's parameters that require grad.
 at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inputs,
                       const std::vector<at::Tensor>& params) {
@@ -117,7 +128,7 @@ at::Tensor Checkpoint(const Segment& segment, const std::vector<at::Tensor>& inp
   // Only the inputs are kept (detached: their own graphs stay reachable through the edges).
   std::vector<at::Tensor> saved;
   for (const auto& x : inputs) saved.push_back(x.defined() ? x.detach() : at::Tensor());
-  auto node = c10::make_intrusive<CheckpointBackward>(segment, std::move(saved), needsGrad, params, autocast);
+  auto node = MakeNode<CheckpointBackward>(segment, std::move(saved), needsGrad, params, autocast);
   std::vector<at::Tensor> edgesOf = inputs;
   edgesOf.insert(edgesOf.end(), params.begin(), params.end());
   for (size_t i = 0; i < inputs.size(); ++i)
