@@ -314,17 +314,24 @@ class Run:
 
     def parity_section(self, dev: str, cuda: bool, small: bool, addon_label) -> None:
         configs = "sd1" if small and not cuda else "sd1,sd2"
+        # Without TF32 (cuBLAS and cuDNN honour NVIDIA_TF32_OVERRIDE): with it, diffusers' own float32
+        # step drifts from the CPU fixture by up to 8% in the K/V update on an H200, about what ours
+        # does, so only a TF32-free run can tell an exact implementation from a wrong one (ours: 1.2e-3;
+        # scripts/gpu/reference_drift.py measures the reference's side).
+        env = {**self.env, "NVIDIA_TF32_OVERRIDE": "0"} if cuda else None
         sec = self.node_section(
             "parity",
             ["node", "scripts/gpu/parity.js", "--device", dev, "--dtypes", "float32,float16,bfloat16", "--configs", configs],
             cap=240,
             need=20,
+            env=env,
         )
         if sec is not None:
             sec["addon"] = addon_label
+            sec["tf32"] = "off (NVIDIA_TF32_OVERRIDE=0)" if cuda else "n/a"
             self.write()
 
-    def node_section(self, name: str, cmd: list[str], cap: float, need: float, sampler: bool = False) -> dict | None:
+    def node_section(self, name: str, cmd: list[str], cap: float, need: float, sampler: bool = False, env: dict | None = None) -> dict | None:
         t = now()
         limit = self.budget_for(cap, need)
         if limit is None:
@@ -336,7 +343,7 @@ class Run:
         smi = GpuSampler() if sampler and self.a.device.startswith("cuda") and shutil.which("nvidia-smi") else None
         if smi:
             smi.start()
-        code, out = self.call(cmd + ["--json", jf], limit)
+        code, out = self.call(cmd + ["--json", jf], limit, env)
         if smi:
             smi.stop()
         data = None

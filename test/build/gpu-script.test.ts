@@ -131,6 +131,14 @@ describe('scripts/gpu: pack, unpack and run on the CPU', () => {
     }
     // fp16 autocast training needs CUDA: recorded as skipped on the CPU, never silently dropped.
     expect(s.float16.skipped.some((x) => /train step \(mixedPrecision fp16\): cpu:/.test(x))).toBe(true);
+    // The training step runs a second time with gradient checkpointing, in each dtype the CPU can run.
+    const rows = results.sections.parity.data!.rows as { dtype: string; case: string; pass?: boolean }[];
+    for (const dt of ['float32', 'bfloat16']) {
+      const ckpt = rows.filter((r) => r.dtype === dt && /gradient checkpointing/.test(r.case));
+      expect(ckpt.length).toBeGreaterThanOrEqual(3);
+      expect(ckpt.every((r) => r.pass === true)).toBe(true);
+    }
+    expect(results.sections.parity).toMatchObject({ tf32: 'n/a' });
   });
 
   it('benchmarks a training step against the reference step', () => {
@@ -162,5 +170,19 @@ describe('scripts/gpu: pack, unpack and run on the CPU', () => {
     expect(g.mixedConcepts.images).toBe(2);
     expect(g.mixedConcepts.mixedImagesPerSec).toBeGreaterThan(0);
     expect(g.mixedConcepts.separateImagesPerSec).toBeGreaterThan(0);
+  });
+});
+
+describe('scripts/gpu/reference_drift.py', () => {
+  (hasDiffusers ? it : it.skip)('on the CPU, reproduces the committed training-step fixture exactly', () => {
+    // The fixture's generator runs on a device for the drift check; on the CPU it must not change a bit.
+    const r = spawnSync(python, [path.join(repoRoot, 'scripts', 'gpu', 'reference_drift.py'), '--device', 'cpu'], { cwd: repoRoot, encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    const out = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { configs: Record<string, Record<string, number>> };
+    expect(Object.keys(out.configs).sort()).toEqual(['sd1', 'sd2']);
+    for (const rows of Object.values(out.configs)) {
+      expect(Object.keys(rows)).toHaveLength(6);
+      for (const v of Object.values(rows)) expect(v).toBe(0);
+    }
   });
 });

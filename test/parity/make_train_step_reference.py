@@ -110,7 +110,9 @@ def custom_diffusion_processors(unet: UNet2DConditionModel) -> dict:
     return procs
 
 
-def build(config: str) -> tuple[dict, dict]:
+def build(config: str, device: str = "cpu") -> tuple[dict, dict]:
+    """The fixture's tensors; `device` other than cpu is for scripts/gpu/reference_drift.py (how far
+    the reference itself moves on a GPU), never for the committed fixture."""
     model = os.path.join(pc.REPO_ROOT, "test", "fixtures", "parity", config, "model")
     p = PARAMS[config]
     key = lambda name: f"train_step/{config}/{name}"  # noqa: E731
@@ -120,6 +122,8 @@ def build(config: str) -> tuple[dict, dict]:
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32)
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    text_encoder.to(device)
+    vae.to(device)
 
     base_vocab = len(tokenizer)
     assert tokenizer.add_tokens(MODIFIER) == 1
@@ -139,6 +143,7 @@ def build(config: str) -> tuple[dict, dict]:
     for m in (tm.encoder, tm.final_layer_norm, tm.embeddings.position_embedding):
         m.requires_grad_(False)
     unet.set_attn_processor(custom_diffusion_processors(unet))
+    unet.to(device)
     layers = [(n, m) for n, m in unet.attn_processors.items() if isinstance(m, torch.nn.Module) and m.train_kv]
     # Processor name "X.attn2.processor" ↔ UNet parameter "X.attn2.to_k.weight".
     kv_params = []
@@ -171,8 +176,9 @@ def build(config: str) -> tuple[dict, dict]:
                     return_tensors="pt").input_ids
     assert (ids[:INSTANCE_COUNT] == new_id).any(dim=1).all() and not (ids[INSTANCE_COUNT:] == new_id).any()
     inputs["input_ids"] = ids.to(torch.int64)
-    inputs["initial_token_row"] = init_row
+    inputs["initial_token_row"] = init_row.cpu()
 
+    start = {name: w.detach().cpu().clone() for name, w in kv_params}
     losses, norms = [], []
     for k in range(STEPS):
         vae_noise = pc.randn(key(f"vae_noise.{k}"), [n, 4, lat, lat])
@@ -182,10 +188,11 @@ def build(config: str) -> tuple[dict, dict]:
         inputs[f"noise.{k}"] = noise
         inputs[f"timesteps.{k}"] = timesteps
 
-        dist = vae.encode(inputs["pixels"]).latent_dist
+        vae_noise, noise, timesteps = vae_noise.to(device), noise.to(device), timesteps.to(device)
+        dist = vae.encode(inputs["pixels"].to(device)).latent_dist
         latents = (dist.mean + dist.std * vae_noise) * vae.config.scaling_factor
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        context = text_encoder(inputs["input_ids"])[0]
+        context = text_encoder(inputs["input_ids"].to(device))[0]
         pred = unet(noisy, timesteps, context).sample
         if scheduler.config.prediction_type == "epsilon":
             target = noise
@@ -194,7 +201,7 @@ def build(config: str) -> tuple[dict, dict]:
 
         pred_i, pred_p = torch.chunk(pred, 2, dim=0)
         target_i, target_p = torch.chunk(target, 2, dim=0)
-        mask = torch.chunk(inputs["masks"], 2, dim=0)[0]
+        mask = torch.chunk(inputs["masks"].to(device), 2, dim=0)[0]
         loss = F.mse_loss(pred_i.float(), target_i.float(), reduction="none")
         loss = ((loss * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
         prior = F.mse_loss(pred_p.float(), target_p.float(), reduction="mean")
@@ -202,7 +209,7 @@ def build(config: str) -> tuple[dict, dict]:
         loss.backward()
 
         grads = text_encoder.get_input_embeddings().weight.grad
-        zero = torch.arange(len(tokenizer)) != new_id
+        zero = torch.arange(len(tokenizer), device=grads.device) != new_id
         grads.data[zero, :] = grads.data[zero, :].fill_(0)
         norm = torch.nn.utils.clip_grad_norm_(itertools.chain(text_encoder.parameters(), processor_params), MAX_GRAD_NORM)
         optimizer.step()
@@ -210,11 +217,11 @@ def build(config: str) -> tuple[dict, dict]:
 
         losses.append(loss.item())
         norms.append(norm.item())
-        expected[f"loss.{k}"] = loss.detach().reshape(1)
-        expected[f"grad_norm.{k}"] = norm.detach().reshape(1)
+        expected[f"loss.{k}"] = loss.detach().reshape(1).cpu()
+        expected[f"grad_norm.{k}"] = norm.detach().reshape(1).cpu()
         for name, w in kv_params:
-            expected[f"after.{k}.{name}"] = w.detach().clone()
-        expected[f"after.{k}.{MODIFIER}"] = text_encoder.get_input_embeddings().weight[new_id].detach().clone()
+            expected[f"after.{k}.{name}"] = w.detach().cpu().clone()
+        expected[f"after.{k}.{MODIFIER}"] = text_encoder.get_input_embeddings().weight[new_id].detach().cpu().clone()
 
     params = {
         "freeze_model": "crossattn_kv",
@@ -238,7 +245,7 @@ def build(config: str) -> tuple[dict, dict]:
         "losses": losses,
         "grad_norms": norms,
     }
-    return {"inputs": inputs, "expected": expected}, params
+    return {"inputs": inputs, "expected": expected, "start": start}, params
 
 
 def main() -> None:
