@@ -200,6 +200,9 @@ export function vaeConfigJson(c: TinyPipelineConfig, scalingFactor: number): Rec
   };
 }
 
+/** The fields of CLIPTextConfig that transformers types as floats (written as 1.0, never 1). */
+export const TEXT_ENCODER_FLOAT_KEYS = ['attention_dropout', 'initializer_factor', 'initializer_range', 'layer_norm_eps'] as const;
+
 /** text_encoder/config.json (transformers CLIPTextConfig). */
 export function textEncoderConfigJson(c: TinyPipelineConfig): Record<string, unknown> {
   checkConfig(c);

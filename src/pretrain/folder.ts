@@ -9,6 +9,7 @@ import * as path from 'path';
 import { FileError, InvalidArgumentError } from '../errors';
 import { Tensor } from '../core/tensor';
 import { saveSafetensors } from '../core/safetensors';
+import { TEXT_ENCODER_FLOAT_KEYS } from './architecture';
 
 /** The tokenizer files a diffusers `tokenizer/` folder holds. */
 export const TOKENIZER_FILES = ['vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json'] as const;
@@ -25,8 +26,15 @@ export interface PipelineFolderContents {
   extraJson?: Record<string, unknown>;
 }
 
-function writeJson(file: string, value: unknown): void {
-  fs.writeFileSync(file, JSON.stringify(value, null, 2) + '\n');
+/**
+ * Writes JSON as Python's json module would: `floatKeys` (top-level keys) keep a decimal point when
+ * their value is a whole number (1.0, not 1). transformers 5 checks config fields' types and
+ * refuses an int where CLIPTextConfig declares a float.
+ */
+function writeJson(file: string, value: unknown, floatKeys: readonly string[] = []): void {
+  let text = JSON.stringify(value, null, 2);
+  for (const key of floatKeys) text = text.replace(new RegExp(`^(  "${key}": -?\\d+)(,?)$`, 'm'), '$1.0$2');
+  fs.writeFileSync(file, text + '\n');
 }
 
 async function saveWeights(file: string, tensors: Record<string, Tensor>, dtype: 'float16' | 'float32'): Promise<void> {
@@ -60,7 +68,7 @@ export async function writePipelineFolder(
   writeJson(path.join(dir, 'model_index.json'), contents.modelIndex);
   writeJson(path.join(dir, 'unet', 'config.json'), contents.unet.config);
   writeJson(path.join(dir, 'vae', 'config.json'), contents.vae.config);
-  writeJson(path.join(dir, 'text_encoder', 'config.json'), contents.textEncoder.config);
+  writeJson(path.join(dir, 'text_encoder', 'config.json'), contents.textEncoder.config, TEXT_ENCODER_FLOAT_KEYS);
   writeJson(path.join(dir, 'scheduler', 'scheduler_config.json'), contents.scheduler);
   for (const f of TOKENIZER_FILES) fs.copyFileSync(path.join(contents.tokenizerDir, f), path.join(dir, 'tokenizer', f));
   for (const [name, value] of Object.entries(contents.extraJson ?? {})) writeJson(path.join(dir, name), value);

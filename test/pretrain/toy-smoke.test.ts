@@ -62,6 +62,11 @@ test('a tiny run writes a loadable, deterministic diffusers folder', async () =>
     const sched = JSON.parse(fs.readFileSync(path.join(a.outDir, 'scheduler', 'scheduler_config.json'), 'utf8'));
     expect(sched).toMatchObject({ _class_name: 'DDIMScheduler', timestep_spacing: 'trailing' });
     expect(JSON.parse(fs.readFileSync(path.join(a.outDir, 'vae', 'config.json'), 'utf8')).scaling_factor).toBe(a.scalingFactor);
+    // transformers 5 refuses CLIPTextConfig floats written as integers.
+    const textConfig = fs.readFileSync(path.join(a.outDir, 'text_encoder', 'config.json'), 'utf8');
+    expect(textConfig).toMatch(/"initializer_factor": 1\.0,/);
+    expect(textConfig).toMatch(/"attention_dropout": 0\.0,/);
+    expect(JSON.parse(textConfig).initializer_factor).toBe(1);
     // Nothing of the staging folder is left beside the result.
     expect(fs.readdirSync(dir)).toEqual(['a']);
 
