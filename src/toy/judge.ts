@@ -28,7 +28,8 @@
  *    {@link TOY_SIZE_THRESHOLD}.
  *
  * {@link detectEmblem} checks the demo's two-colour emblems: both colours present in the right
- * proportions and arrangement (a ring around a centre; two halves side by side).
+ * proportions and arrangement (two halves side by side or one above the other) and the object's
+ * outline (round, square).
  *
  * @packageDocumentation
  */
@@ -53,7 +54,7 @@ import {
 
 // Math's functions as module constants: hot loops here call them millions of times, and a global
 // lookup of `Math` is slow inside a vm context such as jest's test environment.
-const { PI, abs, atan2, ceil, exp, floor, hypot, max, min, round, sqrt } = Math;
+const { PI, abs, ceil, exp, floor, hypot, max, min, round, sqrt } = Math;
 const SQRT3 = sqrt(3);
 
 /** Tuning of the judge; the defaults are what the tests measure. */
@@ -678,29 +679,18 @@ function centroid(points: Weighted[], w: number): [number, number] {
   return sw > 0 ? [sx / sw, sy / sw] : [NaN, NaN];
 }
 
-function meanRadius(points: Weighted[], w: number, c: [number, number]): number {
-  let s = 0;
-  let sw = 0;
-  for (const { p, w: k } of points) {
-    s += k * hypot((p % w) + 0.5 - c[0], floor(p / w) + 0.5 - c[1]);
-    sw += k;
-  }
-  return sw > 0 ? s / sw : NaN;
-}
-
 /**
  * Does the picture show the emblem (see {@link TOY_EMBLEMS})? Foreground pixels are sorted into the
  * emblem's two colours and others by the nearest background → colour mixing line, each weighted by
  * its coverage along it (so blurred edges count for what they show); then, with shares of that
  * coverage:
  *
- * - both emblems: few other colours (≤ 15% of the solid foreground);
- * - 'ringed-star': the ring colour 45-92% and the star colour 6-50% of it; the star's pixels sit
- *   near the ring's centre (centroids within 0.3 of the ring's mean radius, the star's mean radius
- *   ≤ 0.55 of the ring's) and the ring closes around it (its pixels in ≥ 10 of 12 sectors);
- * - 'split-disc': each colour 25-75%; the right colour's centroid at least 0.45 R to the right of the
- *   left colour's and within 0.25 R vertically (R the radius of a disc of the object's area); the
- *   object is round (circle IoU ≥ 0.7) and single (≥ 85% of the foreground in one group).
+ * - few other colours (≤ 15% of the solid foreground) and each of the two 25-75%;
+ * - the second colour's centroid at least 0.45 R from the first's along the split axis (to the
+ *   right for 'split-disc', below for 'split-tile') and within 0.25 R across it (R the radius of a
+ *   disc of the object's area);
+ * - the outline: the disc fits a circle, the tile a square (IoU ≥ 0.7, and better than the other);
+ * - a single object (≥ 85% of the foreground in one group).
  *
  * `colours` overrides the emblem's own, to look for recoloured variants.
  */
@@ -762,47 +752,26 @@ export function detectEmblem(
   };
   const cO = centroid(outer, w);
   const cI = centroid(inner, w);
-  if (def.name === 'ringed-star') {
-    const rO = meanRadius(outer, w, cO);
-    const rI = meanRadius(inner, w, cO);
-    const sectors = new Set<number>();
-    for (const { p, w: weight } of outer) {
-      if (weight < 0.3) continue;
-      const dx = (p % w) + 0.5 - cO[0];
-      const dy = floor(p / w) + 0.5 - cO[1];
-      if (hypot(dx, dy) > 0.5 * rO) sectors.add(floor(((atan2(dy, dx) + PI) / (2 * PI)) * 12) % 12);
-    }
-    Object.assign(measures, {
-      ringRadius: rO,
-      centreRadiusRatio: rI / rO,
-      centreOffset: hypot(cI[0] - cO[0], cI[1] - cO[1]) / rO,
-      ringSectors: sectors.size,
-    });
-    checks.ringShare = measures.outerShare >= 0.45 && measures.outerShare <= 0.92;
-    checks.centreShare = measures.innerShare >= 0.06 && measures.innerShare <= 0.5;
-    checks.concentric = measures.centreOffset <= 0.3;
-    checks.centreInside = measures.centreRadiusRatio <= 0.55;
-    checks.ringClosed = sectors.size >= 10;
-  } else {
-    const main = objects[0] ?? [];
-    const R = sqrt(main.length / PI);
-    const alpha = new Float64Array(w * h);
-    for (const p of main) alpha[p] = 1;
-    const { pixels, box } = dilate(main, w, h, 1);
-    const roundness = main.length ? fitAll(alpha, pixels, box, w, h, [0]).scores.circle : 0;
-    Object.assign(measures, {
-      radius: R,
-      horizontalOffset: R > 0 ? (cI[0] - cO[0]) / R : 0,
-      verticalOffset: R > 0 ? abs(cI[1] - cO[1]) / R : 0,
-      roundness,
-      mainComponentShare: objectPixels ? main.length / objectPixels : 0,
-    });
-    checks.balanced =
-      measures.outerShare >= 0.25 && measures.outerShare <= 0.75 && measures.innerShare >= 0.25 && measures.innerShare <= 0.75;
-    checks.sideBySide = measures.horizontalOffset >= 0.45 && measures.verticalOffset <= 0.25;
-    checks.round = roundness >= 0.7;
-    checks.single = measures.mainComponentShare >= 0.85;
-  }
+  const main = objects[0] ?? [];
+  const R = sqrt(main.length / PI);
+  const alpha = new Float64Array(w * h);
+  for (const p of main) alpha[p] = 1;
+  const { pixels, box } = dilate(main, w, h, 1);
+  const fit = main.length ? fitAll(alpha, pixels, box, w, h, [0]).scores : { circle: 0, square: 0, triangle: 0 };
+  const [outline, rival] = def.name === 'split-disc' ? (['circle', 'square'] as const) : (['square', 'circle'] as const);
+  const [along, across] = def.name === 'split-disc' ? [cI[0] - cO[0], cI[1] - cO[1]] : [cI[1] - cO[1], cI[0] - cO[0]];
+  Object.assign(measures, {
+    radius: R,
+    splitOffset: R > 0 ? along / R : 0,
+    crossOffset: R > 0 ? abs(across) / R : 0,
+    outlineFit: fit[outline],
+    rivalFit: fit[rival],
+    mainComponentShare: objectPixels ? main.length / objectPixels : 0,
+  });
+  checks.balanced = measures.outerShare >= 0.25 && measures.outerShare <= 0.75 && measures.innerShare >= 0.25 && measures.innerShare <= 0.75;
+  checks.split = measures.splitOffset >= 0.45 && measures.crossOffset <= 0.25;
+  checks.outline = measures.outlineFit >= 0.7 && measures.outlineFit > measures.rivalFit;
+  checks.single = measures.mainComponentShare >= 0.85;
   const values = Object.values(checks);
   const passed = values.filter(Boolean).length;
   return { emblem, present: passed === values.length, score: passed / values.length, checks, measures, background: fg.background };

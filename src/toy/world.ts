@@ -379,7 +379,7 @@ export function sampleToyDataset(options: ToyDatasetOptions): ToySample[] {
 // Emblems: two-colour concepts the world never shows
 
 /** The names of the demo's novel concepts. */
-export const TOY_EMBLEM_NAMES = ['ringed-star', 'split-disc'] as const;
+export const TOY_EMBLEM_NAMES = ['split-disc', 'split-tile'] as const;
 /** A novel concept of the demo. */
 export type ToyEmblemName = (typeof TOY_EMBLEM_NAMES)[number];
 
@@ -391,40 +391,36 @@ export interface ToyEmblemDefinition {
   /** A description for people. */
   description: string;
   /**
-   * Its two colours: for 'ringed-star' `outer` is the ring and `inner` the star; for 'split-disc'
-   * `outer` is the left half and `inner` the right half.
+   * Its two colours: for 'split-disc' `outer` is the left half and `inner` the right half; for
+   * 'split-tile' `outer` is the top half and `inner` the bottom half.
    */
   colours: { outer: ToyColour; inner: ToyColour };
 }
 
 /**
- * The demo's emblems. Both use the world's colours (a model that has learnt to draw them needs no
- * new colours), in arrangements the world never shows: two colours in one object.
+ * The demo's emblems. Both use the world's colours and shapes (a model that has learnt to draw them
+ * needs nothing new but the arrangement), in arrangements the world never shows: two colours in one
+ * object. Both are split in halves because the embedded model's autoencoder (8×8×4 latents learnt
+ * from one-colour shapes) gives halves back, where finer two-colour layouts (a star inside a ring,
+ * a disc inside a ring) came back as one-colour blobs in four of five pictures.
  */
 export const TOY_EMBLEMS: Readonly<Record<ToyEmblemName, ToyEmblemDefinition>> = {
-  'ringed-star': {
-    name: 'ringed-star',
-    noun: 'emblem',
-    description: 'a yellow five-pointed star inside a red ring',
-    colours: { outer: 'red', inner: 'yellow' },
-  },
   'split-disc': {
     name: 'split-disc',
     noun: 'badge',
     description: 'a disc, white on its left half and blue on its right half',
     colours: { outer: 'white', inner: 'blue' },
   },
+  'split-tile': {
+    name: 'split-tile',
+    noun: 'tile',
+    description: 'a square, red on its top half and yellow on its bottom half',
+    colours: { outer: 'red', inner: 'yellow' },
+  },
 };
 
 /** Emblem extents (outer diameter, world units) that {@link sampleEmblemSpec} draws from. */
 export const TOY_EMBLEM_EXTENTS: readonly [number, number] = [16, 24];
-
-/** Ring of the ringed star: inner radius as a fraction of the outer one. */
-export const RING_INNER = 0.72;
-/** Star of the ringed star: its points' radius as a fraction of the ring's outer radius. */
-export const STAR_OUTER = 0.6;
-/** Star of the ringed star: its valleys' radius as a fraction of the ring's outer radius. */
-export const STAR_INNER = 0.27;
 
 /** An emblem to draw: which, where (centre, world units), how large (outer diameter) and on what. */
 export interface ToyEmblemSpec {
@@ -449,31 +445,6 @@ function emblemDefinition(emblem: string): ToyEmblemDefinition {
   return def;
 }
 
-/** The vertices of a five-pointed star, first point up, alternating outer and valley radii. */
-function starPolygon(cx: number, cy: number, outer: number, inner: number): number[] {
-  const v: number[] = [];
-  for (let k = 0; k < 10; k++) {
-    const a = -PI / 2 + (k * PI) / 5;
-    const r = k % 2 === 0 ? outer : inner;
-    v.push(cx + r * cos(a), cy + r * sin(a));
-  }
-  return v;
-}
-
-/** Even-odd point-in-polygon test; `poly` is [x0, y0, x1, y1, …]. */
-function insidePolygon(poly: number[], x: number, y: number): boolean {
-  let inside = false;
-  const n = poly.length / 2;
-  for (let i = 0, j = n - 1; i < n; j = i++) {
-    const xi = poly[2 * i];
-    const yi = poly[2 * i + 1];
-    const xj = poly[2 * j];
-    const yj = poly[2 * j + 1];
-    if (yi > y !== yj > y && x < ((xj - xi) * (y - yi)) / (yj - yi) + xi) inside = !inside;
-  }
-  return inside;
-}
-
 /** Draws an emblem (see {@link TOY_EMBLEMS}) like {@link renderToy} draws a shape. */
 export function renderEmblem(spec: ToyEmblemSpec, options: ToyRenderOptions = {}): RgbImage {
   const def = emblemDefinition(spec.emblem);
@@ -492,23 +463,11 @@ export function renderEmblem(spec: ToyEmblemSpec, options: ToyRenderOptions = {}
   const inner = TOY_PALETTE[colours.inner];
   const { cx, cy } = spec;
   const R = spec.extent / 2;
-  let painter: Painter;
-  if (def.name === 'ringed-star') {
-    const star = starPolygon(cx, cy, STAR_OUTER * R, STAR_INNER * R);
-    const r2in = (RING_INNER * R) ** 2;
-    painter = (x, y) => {
-      const d2 = (x - cx) ** 2 + (y - cy) ** 2;
-      if (d2 > R * R) return null;
-      if (d2 >= r2in) return outer;
-      return insidePolygon(star, x, y) ? inner : null;
-    };
-  } else {
-    painter = (x, y) => {
-      const d2 = (x - cx) ** 2 + (y - cy) ** 2;
-      if (d2 > R * R) return null;
-      return x < cx ? outer : inner;
-    };
-  }
+  // Axis-aligned: the disc is split left | right, the tile (a square of side `extent`) top / bottom.
+  const painter: Painter =
+    def.name === 'split-disc'
+      ? (x, y) => ((x - cx) ** 2 + (y - cy) ** 2 > R * R ? null : x < cx ? outer : inner)
+      : (x, y) => (abs(x - cx) > R || abs(y - cy) > R ? null : y < cy ? outer : inner);
   return paint(options.resolution ?? TOY_WORLD_SIZE, TOY_PALETTE[spec.background], painter);
 }
 

@@ -269,7 +269,8 @@ describe('emblem detector', () => {
     const asked = detectEmblem(img, 'split-disc', { colours: { outer: 'red', inner: 'yellow' } });
     expect(asked.present).toBe(true);
     expect(asked.score).toBe(1);
-    expect(asked.checks.sideBySide).toBe(true);
+    expect(asked.checks.split).toBe(true);
+    expect(asked.checks.outline).toBe(true);
     expect(asked.background.name).toBe('green');
     expect(asked.measures.outerShare).toBeCloseTo(0.5, 1);
     expect(() => detectEmblem(img, 'hexagon' as ToyEmblemName)).toThrow(InvalidArgumentError);

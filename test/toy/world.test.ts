@@ -224,17 +224,19 @@ describe('toy world: emblems', () => {
       const green = sampleEmblemImages(name, { n: 6, seed: 1, backgrounds: ['green'], token: '<new2>' });
       expect(green.every((s) => s.spec.background === 'green' && s.caption === `a <new2> ${def.noun} on a green background`)).toBe(true);
     }
-    expect(emblemCaption({ emblem: 'ringed-star', background: 'green' })).toBe('a <new1> emblem on a green background');
-    expect(() => sampleEmblemImages('ringed-star', { n: 2, seed: 0, backgrounds: ['red'] })).toThrow(/cannot be drawn/);
+    expect(emblemCaption({ emblem: 'split-tile', background: 'green' })).toBe('a <new1> tile on a green background');
+    expect(() => sampleEmblemImages('split-tile', { n: 2, seed: 0, backgrounds: ['red'] })).toThrow(/cannot be drawn/);
   });
 
   test('both colours are drawn where they belong', () => {
     const px = (img: { data: Uint8Array }, x: number, y: number): number[] => [...img.data.subarray((y * 32 + x) * 3, (y * 32 + x) * 3 + 3)];
-    const star = renderEmblem({ emblem: 'ringed-star', background: 'green', cx: 16, cy: 16, extent: 24 });
-    expect(px(star, 16, 16)).toEqual([...TOY_PALETTE.yellow]); // star centre
-    expect(px(star, 16, 5)).toEqual([...TOY_PALETTE.red]); // ring, top (radius 11 of 12)
-    expect(px(star, 26, 16)).toEqual([...TOY_PALETTE.red]); // ring, right
-    expect(px(star, 1, 1)).toEqual([...TOY_PALETTE.green]);
+    const tile = renderEmblem({ emblem: 'split-tile', background: 'green', cx: 16, cy: 16, extent: 20 });
+    expect(px(tile, 16, 7)).toEqual([...TOY_PALETTE.red]); // top half (the square spans 6-26)
+    expect(px(tile, 7, 12)).toEqual([...TOY_PALETTE.red]); // top-left corner region
+    expect(px(tile, 16, 24)).toEqual([...TOY_PALETTE.yellow]); // bottom half
+    expect(px(tile, 25, 25)).toEqual([...TOY_PALETTE.yellow]); // bottom-right corner: a square, not a disc
+    expect(px(tile, 16, 3)).toEqual([...TOY_PALETTE.green]); // above it
+    expect(px(tile, 1, 1)).toEqual([...TOY_PALETTE.green]);
     const disc = renderEmblem({ emblem: 'split-disc', background: 'green', cx: 16, cy: 16, extent: 24 });
     expect(px(disc, 10, 16)).toEqual([...TOY_PALETTE.white]);
     expect(px(disc, 22, 16)).toEqual([...TOY_PALETTE.blue]);
