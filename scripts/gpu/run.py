@@ -2,7 +2,7 @@
 """The GPU check's orchestrator (started by scripts/gpu/run.sh, which unpacks what the pack carries).
 
     python3 scripts/gpu/run.py --out DIR [--device auto|cuda|cpu] [--tiny] [--budget SECONDS]
-                               [--build-dir DIR | --addon FILE] [--sections env,build,model,parity,train,sample]
+                               [--build-dir DIR | --addon FILE] [--sections env,build,model,parity,train,checkpointing,sample]
 
 Runs each section in a child process with a time limit taken from one global budget, and rewrites
 DIR/gpu-run.json and DIR/gpu-run.md after every section, so a run cut short still leaves every
@@ -17,6 +17,9 @@ Sections:
   parity  scripts/gpu/parity.js on the device in float32, float16 and bfloat16
   train   bench/train-step.js: 2 instance + 2 class images at 512 px, bf16 mixed precision, against
           diffusers' train_custom_diffusion-equivalent step in the same process pair
+  checkpointing  bench/checkpointing.js on the same batch: the memory the training steps take above
+          the loaded model (CUDA allocator peak) with and without gradient checkpointing, and the
+          step-time ratio
   sample  bench/sample-step.js: 50 DDIM steps with guidance, batch 1, float16, against
           StableDiffusionPipeline; concept switch; mixed-concept batch throughput
 """
@@ -436,6 +439,16 @@ class Run:
                     need=30 if small else 90,
                     sampler=True,
                 )
+            if "checkpointing" in want:
+                # Gradient checkpointing on the same batch as the training benchmark: the memory the
+                # steps take above the loaded model, with and without it (each in a fresh process).
+                self.node_section(
+                    "checkpointing",
+                    ["node", "bench/checkpointing.js", "--model", model, "--device", dev, "--mixed-precision", "bf16", "--batch", "2" if not small else "1",
+                     "--resolution", str(res), "--threads", threads, "--steps", "2" if small else "4"],
+                    cap=150,
+                    need=20 if small else 60,
+                )
             if "sample" in want:
                 steps = ["--steps", "6", "--short-steps", "2", "--rounds", "2", "--mixed-batch", "2"] if small else ["--steps", "50", "--short-steps", "10", "--rounds", "3", "--mixed-batch", "4"]
                 self.node_section(
@@ -573,6 +586,16 @@ def summarize(r: dict) -> dict:
         tr["meetsMemoryTarget"] = None if peak is None else peak <= TRAIN_TARGET_PEAK_GB
         tr["config"] = {k: t["config"].get(k) for k in ("resolution", "batch", "mixedPrecision", "device", "steps", "rounds", "warmup")}
         s["train"] = tr
+    c = (sec.get("checkpointing") or {}).get("data")
+    if c:
+        s["checkpointing"] = {
+            "plainStepMiB": c["plain"]["stepMiB"],
+            "checkpointingStepMiB": c["checkpointing"]["stepMiB"],
+            "memoryRatio": c.get("activationMemoryRatio"),
+            "timeRatio": c.get("timeRatio"),
+            "loadedMiB": c["plain"]["baselineMiB"],
+            "config": c.get("settings"),
+        }
     g = (sec.get("sample") or {}).get("data")
     if g:
         sm = {
@@ -647,6 +670,14 @@ def render_markdown(r: dict) -> str:
         )
         if t.get("oursNvidiaSmiPeakMiB") or t.get("diffusersNvidiaSmiPeakMiB"):
             lines.append(f"| Peak process memory, training (nvidia-smi, with CUDA context) | {fmt(t.get('oursNvidiaSmiPeakMiB'), ' MiB', 0)} | {fmt(t.get('diffusersNvidiaSmiPeakMiB'), ' MiB', 0)} | | |")
+    ck = s.get("checkpointing")
+    if ck:
+        c = ck.get("config") or {}
+        lines.append(
+            f"| Gradient checkpointing: memory the training steps take above the loaded model ({c.get('batch')} at {c.get('resolution')} px, {c.get('mixedPrecision')}; "
+            f"{c.get('memory')}), plain → checkpointing; step time ratio | {fmt(ck.get('plainStepMiB'), ' MiB', 0)} → {fmt(ck.get('checkpointingStepMiB'), ' MiB', 0)} "
+            f"(×{fmt(ck.get('memoryRatio'), '', 2)}); time ×{fmt(ck.get('timeRatio'), '', 2)} | | | |"
+        )
     g = s.get("sample")
     if g:
         c = g.get("config") or {}
@@ -700,7 +731,7 @@ def main() -> None:
     ap.add_argument("--addon", default=None, help="use this compiled addon (no build)")
     ap.add_argument("--prebuilt-addon", default=None, help="an addon built elsewhere: parity runs on it while the build runs, and it stands in if the build fails")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--sections", default="env,build,model,parity,train,sample")
+    ap.add_argument("--sections", default="env,build,model,parity,train,checkpointing,sample")
     a = ap.parse_args()
     Run(a).main()
 

@@ -100,7 +100,7 @@ describe('scripts/gpu: pack, unpack and run on the CPU', () => {
 
   it('finishes every section, writes JSON and a table', () => {
     expect(results.mode).toMatchObject({ device: 'cpu', tiny: true });
-    for (const name of ['env', 'build', 'model', 'parity', 'train', 'sample']) {
+    for (const name of ['env', 'build', 'model', 'parity', 'train', 'checkpointing', 'sample']) {
       expect(results.sections[name]).toBeDefined();
     }
     const bad = Object.entries(results.sections).filter(([, s]) => s.status !== 'ok' && s.status !== 'skipped');
@@ -155,6 +155,19 @@ describe('scripts/gpu: pack, unpack and run on the CPU', () => {
     }
     // CPU: no allocator figures, recorded as such.
     expect(t.ours.memory).toBeNull();
+  });
+
+  it('measures gradient checkpointing: memory of the steps with and without it, and the time ratio', () => {
+    const c = results.sections.checkpointing.data!;
+    expect(c.settings).toMatchObject({ device: 'cpu', mixedPrecision: 'bf16', memory: 'resident set (VmHWM)' });
+    for (const mode of [c.plain, c.checkpointing]) {
+      expect(mode.baselineMiB).toBeGreaterThan(0);
+      expect(mode.peakMiB).toBeGreaterThanOrEqual(mode.baselineMiB);
+      expect(Number.isFinite(mode.loss)).toBe(true);
+    }
+    expect(c.timeRatio).toBeGreaterThan(0);
+    expect(results.summary.checkpointing).toMatchObject({ plainStepMiB: c.plain.stepMiB, checkpointingStepMiB: c.checkpointing.stepMiB });
+    expect(markdown).toMatch(/\| Gradient checkpointing: memory the training steps take/);
   });
 
   it('benchmarks sampling, concept switch and a mixed-concept batch', () => {
