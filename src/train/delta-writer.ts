@@ -61,19 +61,6 @@ export interface WriteDeltaOptions {
   trainingOptions?: unknown;
 }
 
-/** The parsed `__metadata__` of a delta written by {@link writeDelta}. */
-export interface DeltaMetadata {
-  format: typeof DELTA_FORMAT;
-  version: number;
-  kind: 'full';
-  freezeModel: string;
-  tokens: DeltaToken[];
-  baseModelFingerprint: string;
-  baseModel: Record<string, unknown>;
-  dtype: string;
-  trainingOptions: unknown;
-}
-
 /**
  * The fingerprint of a base model that a delta records, so tools can tell whether a delta belongs to
  * a model: SHA-256 (hex) over, for every UNet `attn2.to_k.weight` / `attn2.to_v.weight` in sorted
@@ -176,32 +163,6 @@ export async function writeDelta(file: string, options: WriteDeltaOptions): Prom
       training_options: toJsonSafe(options.trainingOptions ?? {}),
     },
   });
-}
-
-/** Parses the metadata of a delta written by {@link writeDelta}; throws if it is not one. */
-export function parseDeltaMetadata(metadata: Record<string, string>, file = '<delta>'): DeltaMetadata {
-  if (metadata.format !== DELTA_FORMAT) throw new FileError(`${file} is not a ${DELTA_FORMAT} file (format ${JSON.stringify(metadata.format)})`, file);
-  const version = Number(metadata.version);
-  if (version !== DELTA_VERSION) throw new FileError(`${file} has ${DELTA_FORMAT} version ${metadata.version}; this library reads version ${DELTA_VERSION}`, file);
-  const parse = (k: string): unknown => {
-    try {
-      return JSON.parse(metadata[k] ?? 'null');
-    } catch (e) {
-      throw new FileError(`${file}: metadata "${k}" is not valid JSON`, file, { cause: e });
-    }
-  };
-  const tokens = (parse('tokens') as Array<{ token: string; id: number; initializer: string | null; initializer_id: number | null }>) ?? [];
-  return {
-    format: DELTA_FORMAT,
-    version,
-    kind: 'full',
-    freezeModel: metadata.freeze_model,
-    tokens: tokens.map((t) => ({ token: t.token, id: t.id, initializer: t.initializer, initializerId: t.initializer_id })),
-    baseModelFingerprint: metadata.base_model_fingerprint,
-    baseModel: (parse('base_model') as Record<string, unknown>) ?? {},
-    dtype: metadata.dtype,
-    trainingOptions: parse('training_options'),
-  };
 }
 
 /** The JSON record of a training run (written next to the delta). */

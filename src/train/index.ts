@@ -126,10 +126,8 @@ export {
   FINGERPRINT_ALGORITHM,
   computeBaseFingerprint,
   writeDelta,
-  parseDeltaMetadata,
   writeRunRecord,
   type DeltaToken,
   type WriteDeltaOptions,
-  type DeltaMetadata,
   type RunRecord,
 } from './delta-writer';
