@@ -95,7 +95,7 @@ export interface DemoOptions {
   outDir: string;
   /** Replace the demo's earlier outputs in `outDir` (default false: a non-empty folder is an error). */
   overwrite?: boolean;
-  /** Optimizer steps per concept (default 500). */
+  /** Optimizer steps per concept (default 800: the second concept is found in 50% of pictures after 800 and 18% after 500). */
   steps?: number;
   /** Learning rate of the K/V weights and the token (default 1e-3, not scaled). */
   learningRate?: number;
@@ -329,7 +329,7 @@ const signedPts = (x: number): string => (Number.isFinite(x) ? `${x >= 0 ? '+' :
 export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   if (!options || typeof options.outDir !== 'string' || options.outDir === '') throw new InvalidArgumentError('runDemo needs outDir');
   const t0 = Date.now();
-  const steps = positiveInt(options.steps, 'steps', 500, 0);
+  const steps = positiveInt(options.steps, 'steps', 800, 0);
   const learningRate = positiveNumber(options.learningRate, 'learningRate', 1e-3);
   const batchSize = positiveInt(options.batchSize, 'batchSize', 4);
   const seed = positiveInt(options.seed, 'seed', 0, 0);
