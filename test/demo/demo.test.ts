@@ -89,7 +89,7 @@ describe('runDemo', () => {
     expect(html.match(/src="data:image\/png;base64,[A-Za-z0-9+/=]+"/g)).toHaveLength(13);
     expect(html).toMatch(/<svg [^>]*aria-label="training loss"/);
     expect(html.match(/<polyline /g)).toHaveLength(4); // two curves, raw and smoothed
-    for (const s of ['Concept fidelity and text alignment', 'Prior preservation', 'emblem found', 'background as asked', 'colour+background+shape', 'merged: &quot;a &lt;new2&gt; tile&quot;']) {
+    for (const s of ['Concept fidelity and text alignment', 'Prior preservation', 'emblem found', 'background as asked', 'colour+background+shape', 'merged: &quot;a &lt;new2&gt; tile&quot;', 'With the merged delta, plain prompts are drawn right in']) {
       expect(html).toContain(s);
     }
     expect(html).not.toContain('<new1>'); // every prompt is escaped
