@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <napi.h>
+
+#include <cstdlib>
+#include <string>
 #include <torch/headeronly/version.h>
 
 // The device caching allocator's statistics (torch ≥ 2.9): declared in LibTorch's CPU library, so
@@ -78,6 +81,13 @@ std::vector<CudaDevice> QueryCudaDevices(std::string& driverVersion) {
   return out;
 }
 
+// OMP_WAIT_POLICY as libgomp read it: both run their initialisers when the addon is loaded, libgomp
+// (a dependency of LibTorch) first, and neither looks at the variable again.
+const std::string kOmpWaitPolicyAtLoad = [] {
+  const char* v = std::getenv("OMP_WAIT_POLICY");
+  return v ? std::string(v) : std::string();
+}();
+
 Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guard(env, [&]() -> Napi::Value {
@@ -113,6 +123,8 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
     o.Set("numThreads", at::get_num_threads());
     o.Set("numInteropThreads", at::get_num_interop_threads());
     o.Set("parallelInfo", at::get_parallel_info());
+    if (kOmpWaitPolicyAtLoad.empty()) o.Set("ompWaitPolicy", env.Null());
+    else o.Set("ompWaitPolicy", kOmpWaitPolicyAtLoad);
     o.Set("liveTensors", static_cast<double>(TensorWrap::Live()));
     return o;
   });

@@ -117,3 +117,24 @@ describe('choosing the addon for the LibTorch at hand', () => {
     expect(addon.select(here, pkg.dir, { CUSTOM_DIFFUSION_ADDON: file }).file).toBe(file);
   });
 });
+
+describe('OpenMP wait policy', () => {
+  // The addon is loaded once per process, so each case runs in a fresh Node process.
+  const probe = (env: NodeJS.ProcessEnv) => {
+    const clean = { ...process.env };
+    delete clean.OMP_WAIT_POLICY;
+    const r = spawnSync(
+      process.execPath,
+      ['-e', "const cd = require('./lib'); console.log(JSON.stringify({ seen: cd.info().ompWaitPolicy, after: process.env.OMP_WAIT_POLICY ?? null }))"],
+      { cwd: repoRoot, encoding: 'utf8', env: { ...clean, ...env } },
+    );
+    expect(r.status).toBe(0);
+    return JSON.parse(r.stdout.trim().split('\n').pop()!) as { seen: string | null; after: string | null };
+  };
+
+  it('lets OpenMP wait spinning (ACTIVE) unless the user chose, and leaves the environment as it was', () => {
+    expect(probe({})).toEqual({ seen: 'ACTIVE', after: null });
+    expect(probe({ OMP_WAIT_POLICY: 'PASSIVE' })).toEqual({ seen: 'PASSIVE', after: 'PASSIVE' });
+  });
+});
+

@@ -9,6 +9,7 @@ describe('customdiff doctor', () => {
     expect(r.stdout).toMatch(/^Addon\s+\/.*\.node$/m);
     expect(r.stdout).toMatch(/^CUDA\s+/m);
     expect(r.stdout).toMatch(/tensor round trip on cpu: ok/);
+    expect(r.stdout).toMatch(new RegExp(`^Threads .*; OpenMP wait policy ${process.env.OMP_WAIT_POLICY ?? 'ACTIVE'}$`, 'm'));
   });
 
   it('prints one JSON object with --json', () => {
