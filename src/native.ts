@@ -87,6 +87,8 @@ export interface NativeInfo {
   parallelInfo: string;
   /** OMP_WAIT_POLICY as OpenMP read it when the addon loaded (null: not set). */
   ompWaitPolicy: string | null;
+  /** GOMP_SPINCOUNT as OpenMP read it when the addon loaded (null: not set). */
+  gompSpinCount: string | null;
   liveTensors: number;
 }
 
@@ -167,15 +169,20 @@ export function loadAddon(): LoadedAddon {
     );
   }
   let binding: NativeBinding;
-  // LibTorch's OpenMP (libgomp) reads OMP_WAIT_POLICY once, as it loads with the addon. Our work runs
-  // on libuv's worker threads and on the JS thread, each of which gets its own OpenMP team, so libgomp
-  // counts more threads than cores and by default puts its workers to sleep after every parallel
-  // region; waking them costs more than a small operation takes (the tiny test model's guided
-  // denoising step at 2 threads: 31 ms, against 5.6 ms at 1 thread). ACTIVE lets them wait
-  // spinning. It is set for the load only, so processes started later do not inherit it, and only
-  // when the user has not chosen a policy.
-  const userPolicy = process.env.OMP_WAIT_POLICY;
-  if (userPolicy === undefined) process.env.OMP_WAIT_POLICY = 'ACTIVE';
+  // LibTorch's OpenMP (libgomp) reads OMP_WAIT_POLICY and GOMP_SPINCOUNT once, as it loads with the
+  // addon. Our work runs on libuv's worker threads and on the JS thread, each of which gets its own
+  // OpenMP team, so libgomp counts more threads than cores and by default puts its workers to sleep
+  // after every parallel region; waking them costs more than a small operation takes (the tiny test
+  // model's guided denoising step at 2 threads: 31 ms, against 5.6 ms at 1 thread). ACTIVE lets them
+  // wait spinning; the spin count (libgomp's own default for ACTIVE is near-endless) is bounded so a
+  // team that is done stops spinning before it slows the next one down (unbounded, the toy
+  // autoencoder's training step took 652 ms instead of 300). Set for the load only, so processes
+  // started later do not inherit them, and only when the user has set neither.
+  const userChose = process.env.OMP_WAIT_POLICY !== undefined || process.env.GOMP_SPINCOUNT !== undefined;
+  if (!userChose) {
+    process.env.OMP_WAIT_POLICY = 'ACTIVE';
+    process.env.GOMP_SPINCOUNT = '300000';
+  }
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     binding = require(file) as NativeBinding;
@@ -186,7 +193,10 @@ export function loadAddon(): LoadedAddon {
       { cause: e },
     );
   } finally {
-    if (userPolicy === undefined) delete process.env.OMP_WAIT_POLICY;
+    if (!userChose) {
+      delete process.env.OMP_WAIT_POLICY;
+      delete process.env.GOMP_SPINCOUNT;
+    }
   }
   // The sidecar said this addon fits; the identity compiled into it must say the same (a copied or
   // renamed file would otherwise run against a LibTorch it was not built for).

@@ -81,12 +81,14 @@ std::vector<CudaDevice> QueryCudaDevices(std::string& driverVersion) {
   return out;
 }
 
-// OMP_WAIT_POLICY as libgomp read it: both run their initialisers when the addon is loaded, libgomp
-// (a dependency of LibTorch) first, and neither looks at the variable again.
-const std::string kOmpWaitPolicyAtLoad = [] {
-  const char* v = std::getenv("OMP_WAIT_POLICY");
+// OpenMP's wait settings as libgomp read them: both run their initialisers when the addon is loaded,
+// libgomp (a dependency of LibTorch) first, and neither looks at the variables again.
+std::string EnvAtLoad(const char* name) {
+  const char* v = std::getenv(name);
   return v ? std::string(v) : std::string();
-}();
+}
+const std::string kOmpWaitPolicyAtLoad = EnvAtLoad("OMP_WAIT_POLICY");
+const std::string kGompSpinCountAtLoad = EnvAtLoad("GOMP_SPINCOUNT");
 
 Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -123,8 +125,9 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
     o.Set("numThreads", at::get_num_threads());
     o.Set("numInteropThreads", at::get_num_interop_threads());
     o.Set("parallelInfo", at::get_parallel_info());
-    if (kOmpWaitPolicyAtLoad.empty()) o.Set("ompWaitPolicy", env.Null());
-    else o.Set("ompWaitPolicy", kOmpWaitPolicyAtLoad);
+    auto orNull = [&](const std::string& v) -> Napi::Value { return v.empty() ? env.Null() : Napi::String::New(env, v); };
+    o.Set("ompWaitPolicy", orNull(kOmpWaitPolicyAtLoad));
+    o.Set("gompSpinCount", orNull(kGompSpinCountAtLoad));
     o.Set("liveTensors", static_cast<double>(TensorWrap::Live()));
     return o;
   });

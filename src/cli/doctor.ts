@@ -33,7 +33,7 @@ export function formatInfo(i: RuntimeInfo): string {
   }
   lines.push(
     `CPU           ${os.cpus()[0]?.model ?? 'unknown'} x${os.cpus().length}, ${gib(os.totalmem())} RAM`,
-    `Threads       ${i.numThreads} intra-op, ${i.numInteropThreads} inter-op; oneDNN ${i.mkldnnAvailable ? 'yes' : 'no'}; OpenMP wait policy ${i.ompWaitPolicy ?? 'default'}`,
+    `Threads       ${i.numThreads} intra-op, ${i.numInteropThreads} inter-op; oneDNN ${i.mkldnnAvailable ? 'yes' : 'no'}; OpenMP wait policy ${i.ompWaitPolicy ?? 'default'}${i.gompSpinCount ? `, spin count ${i.gompSpinCount}` : ''}`,
   );
   return lines.join('\n');
 }

@@ -123,18 +123,18 @@ describe('OpenMP wait policy', () => {
   const probe = (env: NodeJS.ProcessEnv) => {
     const clean = { ...process.env };
     delete clean.OMP_WAIT_POLICY;
-    const r = spawnSync(
-      process.execPath,
-      ['-e', "const cd = require('./lib'); console.log(JSON.stringify({ seen: cd.info().ompWaitPolicy, after: process.env.OMP_WAIT_POLICY ?? null }))"],
-      { cwd: repoRoot, encoding: 'utf8', env: { ...clean, ...env } },
-    );
+    delete clean.GOMP_SPINCOUNT;
+    const script =
+      "const cd = require('./lib'); const i = cd.info(); console.log(JSON.stringify({ policy: i.ompWaitPolicy, spin: i.gompSpinCount, " +
+      'after: [process.env.OMP_WAIT_POLICY ?? null, process.env.GOMP_SPINCOUNT ?? null] }))';
+    const r = spawnSync(process.execPath, ['-e', script], { cwd: repoRoot, encoding: 'utf8', env: { ...clean, ...env } });
     expect(r.status).toBe(0);
-    return JSON.parse(r.stdout.trim().split('\n').pop()!) as { seen: string | null; after: string | null };
+    return JSON.parse(r.stdout.trim().split('\n').pop()!) as { policy: string | null; spin: string | null; after: (string | null)[] };
   };
 
-  it('lets OpenMP wait spinning (ACTIVE) unless the user chose, and leaves the environment as it was', () => {
-    expect(probe({})).toEqual({ seen: 'ACTIVE', after: null });
-    expect(probe({ OMP_WAIT_POLICY: 'PASSIVE' })).toEqual({ seen: 'PASSIVE', after: 'PASSIVE' });
+  it('lets OpenMP wait spinning for a bounded time unless the user chose, and leaves the environment as it was', () => {
+    expect(probe({})).toEqual({ policy: 'ACTIVE', spin: '300000', after: [null, null] });
+    expect(probe({ OMP_WAIT_POLICY: 'PASSIVE' })).toEqual({ policy: 'PASSIVE', spin: null, after: ['PASSIVE', null] });
+    expect(probe({ GOMP_SPINCOUNT: '1000' })).toEqual({ policy: null, spin: '1000', after: [null, '1000'] });
   });
 });
-
