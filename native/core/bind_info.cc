@@ -3,10 +3,10 @@
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 #include <napi.h>
+#include <torch/headeronly/version.h>
 
 #include <cstdlib>
 #include <string>
-#include <torch/headeronly/version.h>
 
 // The device caching allocator's statistics (torch ≥ 2.9): declared in LibTorch's CPU library, so
 // this needs no CUDA headers and compiles against CPU LibTorch too.

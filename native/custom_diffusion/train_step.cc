@@ -385,12 +385,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
                                    std::to_string(microSteps_ + 1) + "); the weights were not updated",
                   {{"step", std::to_string(optimizerSteps_ + 1)}});
     }
-    r.optimizerSteps = optimizerSteps_;
-    r.microSteps = microSteps_;
-    r.textCacheHits = textCacheHits_;
-    r.checkpointedSegments = checkpointedSegments_;
-    r.latentCacheHits = latentCacheHits_;
-    return r;
+    return WithCounters(r);
   }
 
   // ---- End of the accumulation cycle: unscale (fp16), norm, one host read, clip, AdamW.
@@ -427,16 +422,7 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
       for (auto& p : params_) p.accum = at::Tensor();
       cycleMicro_ = 0;
       r.skipped = true;
-      r.optimizerSteps = optimizerSteps_;
-      r.microSteps = microSteps_;
-      r.textCacheHits = textCacheHits_;
-      r.checkpointedSegments = checkpointedSegments_;
-      r.latentCacheHits = latentCacheHits_;
-    r.latentCacheHits = latentCacheHits_;
-    r.textCacheHits = textCacheHits_;
-    r.checkpointedSegments = checkpointedSegments_;
-    r.latentCacheHits = latentCacheHits_;
-      return r;
+      return WithCounters(r);
     }
   } else if (!std::isfinite(r.gradNorm)) {
     ResetAccumulation();
@@ -474,11 +460,15 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   ++optimizerSteps_;
   cycleMicro_ = 0;
   r.optimizerStepped = true;
+  return WithCounters(r);
+}
+
+StepResult& TrainStep::WithCounters(StepResult& r) const {
   r.optimizerSteps = optimizerSteps_;
   r.microSteps = microSteps_;
   r.textCacheHits = textCacheHits_;
-  r.checkpointedSegments = checkpointedSegments_;
   r.latentCacheHits = latentCacheHits_;
+  r.checkpointedSegments = checkpointedSegments_;
   return r;
 }
 

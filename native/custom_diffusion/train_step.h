@@ -185,6 +185,8 @@ class TrainStep {
 
   at::Tensor Loss(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& mask, int64_t instances) const;
   void ResetAccumulation();
+  // The running counters (optimizer steps, micro-steps, cache hits, checkpointed segments) into `r`.
+  StepResult& WithCounters(StepResult& r) const;
   // The text encoder's last hidden state for the batch, from textCache_ where it may.
   at::Tensor EncodeText(const at::Tensor& inputIds);
   // The VAE posterior of the batch's pixels, class examples from latentCache_ where they may.
