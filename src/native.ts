@@ -176,7 +176,7 @@ export function loadAddon(): LoadedAddon {
   // model's guided denoising step at 2 threads: 31 ms, against 5.6 ms at 1 thread). ACTIVE lets them
   // wait spinning; the spin count (libgomp's own default for ACTIVE is near-endless) is bounded so a
   // team that is done stops spinning before it slows the next one down (unbounded, the toy
-  // autoencoder's training step took 652 ms instead of about 340). Set for the load only, so processes
+  // autoencoder's training step took 652 ms instead of 300-350). Set for the load only, so processes
   // started later do not inherit them, and only when the user has set neither.
   const userChose = process.env.OMP_WAIT_POLICY !== undefined || process.env.GOMP_SPINCOUNT !== undefined;
   if (!userChose) {
