@@ -8,8 +8,8 @@
  *        [--unet-steps N] [--unet-batch N] [--unet-lr X] [--ema X] [--cache-images N]
  *        [--eval N | --no-eval] [--eval-steps N] [--guidance X] [--dtype float16|float32] [--log-every N]
  *
- * Defaults are the full recipe: 4,000 VAE steps and 15,000 UNet steps at batch 32 (~300 and ~165
- * ms per step on 2 idle CPU cores, so about 65 minutes; each phase prints ms/step); --smoke is a 1-2 minute run with
+ * Defaults are the full recipe: 4,000 VAE steps and 15,000 UNet steps at batch 32 (306 and 148 ms
+ * per step on 2 idle CPU cores: the committed model took 58 minutes; each phase prints ms/step); --smoke is a 1-2 minute run with
  * tiny step counts, for checking the pipeline end to end. The same seed, options and thread count
  * give the same folder. Progress goes to stdout; Ctrl-C stops cleanly (nothing is written).
  */

@@ -55,8 +55,8 @@ export function demoCommand(): Command {
     .summary('teach the embedded toy model two new concepts and write a report (a few minutes on a CPU)')
     .description(
       'Custom Diffusion end to end on the small model that ships with the package (trained on a world of coloured shapes): ' +
-        'draw 8 pictures of a two-colour badge the model has never seen, train a <new1> delta with prior preservation, show that ' +
-        '"a <new1> badge on a green background" draws it in the asked context while plain prompts draw what they drew before, ' +
+        'draw 8 pictures of a two-colour tile the model has never seen, train a <new1> delta with prior preservation, show that ' +
+        '"a <new1> tile on a green background" draws it in the asked context while plain prompts draw what they drew before, ' +
         'compress the delta, train a second concept and merge both, then write report.html (grids, loss curves, metrics) in --output-dir.',
     )
     .option('-m, --model <dir>', `a toy-world model folder (default: the embedded one, ${path.relative(process.cwd(), DEMO_MODEL_DIR) || DEMO_MODEL_DIR})`)

@@ -8,7 +8,8 @@
  * 3. the latent scale is measured (1 / std of posterior samples, as SD's 0.18215 was) and the
  *    posteriors of a fixed set of captioned images are cached;
  * 4. the UNet and the text encoder train jointly on the cached posteriors (a fresh sample each time)
- *    with the world's captions, 10% of them emptied for classifier-free guidance, an EMA kept;
+ *    with the world's captions, phrased at random ({@link toyCaptionVariant}: the opening "a" and
+ *    the size word are sometimes left out), 10% of them emptied for classifier-free guidance, an EMA kept;
  * 5. the EMA weights are written as a float16 diffusers folder with a DDIM "trailing" scheduler,
  *    staged beside the target and renamed into place;
  * 6. optionally, the folder is loaded with StableDiffusion.load and judged on seen and held-out
@@ -32,7 +33,7 @@ import { StableDiffusion } from '../model/pipeline';
 import { Rng } from '../train/rng';
 import { toFloatCHW } from '../train/images';
 import { scoreToyImage, summarizeToyScores, type ToyAccuracy } from '../toy/judge';
-import { TOY_SIZES, toyCaption, toyCombos, toySample, type ToyCombo, type ToySample } from '../toy/world';
+import { TOY_SIZES, toyCaption, toyCaptionVariant, toyCombos, toySample, type ToyCombo, type ToySample, type ToySpec } from '../toy/world';
 import {
   TOY_PIPELINE_CONFIG,
   initParameters,
@@ -340,12 +341,12 @@ export async function pretrainToy(options: ToyPretrainOptions): Promise<ToyPretr
     const latentSize = latentShape[0] * latentShape[1] * latentShape[2];
     const means = new Float32Array(cacheImages * latentSize);
     const stds = new Float32Array(cacheImages * latentSize);
-    const captions: string[] = [];
+    const specs: ToySpec[] = [];
     for (let start = 0; start < cacheImages; start += 256) {
       checkAbort(signal);
       const n = Math.min(256, cacheImages - start);
       const samples = Array.from({ length: n }, (_, i) => toySample(cacheSeed, start + i));
-      for (const s of samples) captions.push(s.caption);
+      for (const s of samples) specs.push(s.spec);
       const d = await encode(samples);
       means.set(d.mean.toArray() as Float32Array, start * latentSize);
       stds.set(d.std.toArray() as Float32Array, start * latentSize);
@@ -404,7 +405,10 @@ export async function pretrainToy(options: ToyPretrainOptions): Promise<ToyPretr
           const k = order[cursor++];
           meanBuf.set(means.subarray(k * latentSize, (k + 1) * latentSize), i * latentSize);
           stdBuf.set(stds.subarray(k * latentSize, (k + 1) * latentSize), i * latentSize);
-          const text = captionRng.nextFloat() < emptyRate ? '' : captions[k];
+          // Both draws always happen, so the empty-caption choices do not depend on the phrasing.
+          const empty = captionRng.nextFloat() < emptyRate;
+          const phrased = toyCaptionVariant(specs[k], captionRng);
+          const text = empty ? '' : phrased;
           const ids = idsOf(text);
           for (let j = 0; j < seqLen; j++) idBuf[i * seqLen + j] = BigInt(ids[j]);
         }

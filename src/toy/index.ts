@@ -22,6 +22,8 @@ export {
   isHeldOut,
   toyCombos,
   toyCaption,
+  toyCaptionVariant,
+  TOY_CAPTION_DROP,
   parseToyCaption,
   toyVocabulary,
   placeToy,

@@ -167,6 +167,24 @@ export function toyCaption(attrs: ToyAttributes): string {
   return `a ${attrs.size} ${attrs.colour} ${attrs.shape} on a ${attrs.background} background`;
 }
 
+/** How often {@link toyCaptionVariant} leaves out the opening "a", and the size word. */
+export const TOY_CAPTION_DROP = { article: 0.5, size: 0.3 } as const;
+
+/**
+ * A caption for pretraining: {@link toyCaption} with, at random, the opening "a" left out
+ * (probability {@link TOY_CAPTION_DROP}.article) and the size word left out (.size), so
+ * "small red circle on a blue background", "a red circle on a blue background" and "red circle on
+ * a blue background" all occur. Why: when every caption opens with "a", the text encoder's first
+ * position learns to ignore its token, and composenW's targets ("<new1> badge") put the new token
+ * exactly there, where its row cannot be told from the plain captions' "a". Two draws from `rng`.
+ */
+export function toyCaptionVariant(attrs: ToyAttributes, rng: Rng): string {
+  const article = !rng.bernoulli(TOY_CAPTION_DROP.article);
+  const size = !rng.bernoulli(TOY_CAPTION_DROP.size);
+  const words = [article ? 'a' : '', size ? attrs.size : '', attrs.colour, attrs.shape, 'on a', attrs.background, 'background'];
+  return words.filter(Boolean).join(' ');
+}
+
 /**
  * Reads the attributes back from a caption or prompt. It accepts the world's own captions and
  * looser prompts ("red circle on blue", "a large triangle"): a colour word before "on" is the

@@ -89,7 +89,7 @@ describe('runDemo', () => {
     expect(html.match(/src="data:image\/png;base64,[A-Za-z0-9+/=]+"/g)).toHaveLength(13);
     expect(html).toMatch(/<svg [^>]*aria-label="training loss"/);
     expect(html.match(/<polyline /g)).toHaveLength(4); // two curves, raw and smoothed
-    for (const s of ['Concept fidelity and text alignment', 'Prior preservation', 'emblem found', 'background as asked', 'colour+background+shape', 'merged: &quot;a &lt;new2&gt; tile&quot;', 'With the merged delta, plain prompts are drawn right in']) {
+    for (const s of ['Concept fidelity and text alignment', 'Prior preservation', 'emblem found', 'background as asked', 'colour+background+shape', 'merged: &quot;a &lt;new2&gt; badge&quot;', 'With the merged delta, plain prompts are drawn right in']) {
       expect(html).toContain(s);
     }
     expect(html).not.toContain('<new1>'); // every prompt is escaped
@@ -103,7 +103,7 @@ describe('runDemo', () => {
       expect({ k, exists: fs.existsSync(f[k]) }).toEqual({ k, exists: true });
     }
     expect(fs.readdirSync(f.instance1).sort()).toEqual(['0.png', '1.png', '2.png']);
-    expect(f.instance1).toBe(path.join(out, 'data', 'split-disc'));
+    expect(f.instance1).toBe(path.join(out, 'data', 'split-tile'));
     const captions = JSON.parse(fs.readFileSync(path.join(out, 'data', 'split-tile-captions.json'), 'utf8')) as Record<string, string>;
     expect(Object.values(captions).every((c) => /^a <new1> tile on a (green|blue|white|black) background$/.test(c))).toBe(true);
     const badge = JSON.parse(fs.readFileSync(path.join(out, 'data', 'split-disc-captions.json'), 'utf8')) as Record<string, string>;
@@ -122,16 +122,16 @@ describe('runDemo', () => {
   it('reports scores for every model against the base model (structure only: this model cannot draw)', () => {
     const m = result.metrics;
     const n = 4 * TINY.evalSeeds; // four backgrounds per emblem
-    expectConcept(m.base.concept1, 'split-disc', n);
-    expectConcept(m.base.concept2, 'split-tile', n);
-    expectConcept(m.delta1.concept, 'split-disc', n);
-    expectConcept(m.compressed1.concept, 'split-disc', n);
-    expectConcept(m.delta2.concept, 'split-tile', n);
-    expectConcept(m.merged.concept1, 'split-disc', n);
-    expectConcept(m.merged.concept2, 'split-tile', n);
+    expectConcept(m.base.concept1, 'split-tile', n);
+    expectConcept(m.base.concept2, 'split-disc', n);
+    expectConcept(m.delta1.concept, 'split-tile', n);
+    expectConcept(m.compressed1.concept, 'split-tile', n);
+    expectConcept(m.delta2.concept, 'split-disc', n);
+    expectConcept(m.merged.concept1, 'split-tile', n);
+    expectConcept(m.merged.concept2, 'split-disc', n);
     expectPlain(m.base.plain, TINY.plainImages, false);
     for (const p of [m.delta1.plain, m.compressed1.plain, m.delta2.plain, m.merged.plain]) expectPlain(p, TINY.plainImages, true);
-    expect(m.merged.tokens).toEqual({ '<new1>': 'split-disc', '<new2>': 'split-tile' });
+    expect(m.merged.tokens).toEqual({ '<new1>': 'split-tile', '<new2>': 'split-disc' });
     expect(m.compressed1.ratio).toBe(0.6);
     expect(m.compressed1.meanRank).toBeGreaterThanOrEqual(0);
     expect(m.compressed1.bytes).toBeGreaterThan(0);
@@ -190,7 +190,7 @@ describe('customdiff demo', () => {
     expect(result.event).toBe('result');
     expect(result.report).toBe(path.join(tmp.dir, 'json', 'report.html'));
     expect(fs.existsSync(result.report as string)).toBe(true);
-    expect((result.metrics as { merged: { tokens: unknown } }).merged.tokens).toEqual({ '<new1>': 'split-disc', '<new2>': 'split-tile' });
+    expect((result.metrics as { merged: { tokens: unknown } }).merged.tokens).toEqual({ '<new1>': 'split-tile', '<new2>': 'split-disc' });
   });
 
   it('exits 2 on usage errors', () => {

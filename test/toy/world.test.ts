@@ -2,6 +2,7 @@ import { createHash } from 'crypto';
 import { InvalidArgumentError } from '../../src/errors';
 import { Rng } from '../../src/train/rng';
 import {
+  TOY_CAPTION_DROP,
   TOY_COLOURS,
   TOY_EMBLEMS,
   TOY_EMBLEM_NAMES,
@@ -22,6 +23,7 @@ import {
   sampleToyDataset,
   sampleToySpec,
   toyCaption,
+  toyCaptionVariant,
   toyCombos,
   toySample,
   toyVocabulary,
@@ -150,6 +152,33 @@ describe('toy world: captions and geometry', () => {
     expect(parseToyCaption('Red circle on blue')).toEqual({ colour: 'red', shape: 'circle', background: 'blue' });
     expect(parseToyCaption('a large triangle')).toEqual({ size: 'large', shape: 'triangle' });
     expect(parseToyCaption('a <new1> emblem on a green background')).toEqual({ background: 'green' });
+  });
+
+  test('pretraining phrasings leave out the article and the size at the stated rates, and still read back', () => {
+    const rng = Rng.fromSeed(5);
+    const counts = new Map<string, number>();
+    const n = 4000;
+    for (let i = 0; i < n; i++) {
+      const { spec } = samples[i % samples.length];
+      const text = toyCaptionVariant(spec, rng);
+      const form = `${text.startsWith('a ') ? 'a' : '-'}${text.includes(` ${spec.size} `) || text.startsWith(`${spec.size} `) ? 's' : '-'}`;
+      counts.set(form, (counts.get(form) ?? 0) + 1);
+      expect(text.endsWith(`${spec.colour} ${spec.shape} on a ${spec.background} background`)).toBe(true);
+      const { size, ...rest } = parseToyCaption(text);
+      expect(rest).toEqual({ colour: spec.colour, shape: spec.shape, background: spec.background });
+      if (size !== undefined) expect(size).toBe(spec.size);
+    }
+    // All four forms occur, at the rates the two independent drops give (±4 standard deviations).
+    const { article, size } = TOY_CAPTION_DROP;
+    const expected: Record<string, number> = {
+      as: (1 - article) * (1 - size), 'a-': (1 - article) * size, '-s': article * (1 - size), '--': article * size,
+    };
+    for (const [form, p] of Object.entries(expected)) {
+      expect(Math.abs((counts.get(form) ?? 0) - n * p)).toBeLessThan(4 * Math.sqrt(n * p * (1 - p)));
+    }
+    // Same generator state, same phrasing.
+    const spec = samples[0].spec;
+    expect(toyCaptionVariant(spec, Rng.fromSeed(9))).toBe(toyCaptionVariant(spec, Rng.fromSeed(9)));
   });
 
   test('the vocabulary covers every caption word and the emblem nouns', () => {
