@@ -15,7 +15,7 @@
 //    the uncustomised model on the same prompts and seeds.
 //
 //   npm run bench:quality -- [--model DIR] [--base-images 200] [--eval-seeds 25] [--plain-images 100]
-//                            [--steps N] [--threads 2] [--seed 0] [--out bench/results/quality-cpu.json]
+//                            [--steps N] [--learning-rate X] [--token-learning-rate X] [--threads 2] [--seed 0] [--out bench/results/quality-cpu.json]
 //                            [--strict]
 // --strict exits 1 when a base-model target is missed. CUSTOM_DIFFUSION_LIB points at another
 // compiled library folder (default lib/).
@@ -35,6 +35,8 @@ function args() {
     evalSeeds: 25,
     plainImages: 100,
     steps: undefined,
+    learningRate: undefined,
+    tokenLearningRate: undefined,
     threads: 2,
     seed: 0,
     sampleSteps: 25,
@@ -140,6 +142,8 @@ async function main() {
       model,
       outDir: work,
       steps: a.steps,
+      learningRate: a.learningRate,
+      tokenLearningRate: a.tokenLearningRate,
       seed: a.seed,
       evalSeeds: a.evalSeeds,
       plainImages: a.plainImages,

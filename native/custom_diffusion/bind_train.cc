@@ -38,7 +38,7 @@ std::shared_ptr<TrainStep> TrainerFrom(const Napi::Value& v) { return kHandle.Fr
 
 custom_diffusion::TrainStepOptions ParseOptions(const Napi::Value& v) {
   JsOptions o(v,
-            {"freezeModel", "tokenIds", "learningRate", "warmupSteps", "adamBeta1", "adamBeta2", "adamEpsilon",
+            {"freezeModel", "tokenIds", "learningRate", "tokenLearningRateScale", "warmupSteps", "adamBeta1", "adamBeta2", "adamEpsilon",
              "adamWeightDecay", "maxGradNorm", "gradientAccumulationSteps", "priorLossWeight", "lossWeighting",
              "mixedPrecision", "gradientCheckpointing", "cacheTextEmbeddings", "cacheClassLatents"},
             "trainer option");
@@ -59,6 +59,7 @@ custom_diffusion::TrainStepOptions ParseOptions(const Napi::Value& v) {
     }
   }
   r.learningRate = o.Number("learningRate", r.learningRate);
+  r.tokenLearningRateScale = o.Number("tokenLearningRateScale", r.tokenLearningRateScale);
   r.warmupSteps = o.Int("warmupSteps", r.warmupSteps);
   r.adamBeta1 = o.Number("adamBeta1", r.adamBeta1);
   r.adamBeta2 = o.Number("adamBeta2", r.adamBeta2);
@@ -252,6 +253,7 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
     o.Set("addedRowsName", TrainStep::kAddedRowsName);
     o.Set("predictionType", trainer->predictionType());
     o.Set("learningRate", op.learningRate);
+    o.Set("tokenLearningRateScale", op.tokenLearningRateScale);
     o.Set("warmupSteps", static_cast<double>(op.warmupSteps));
     o.Set("gradientAccumulationSteps", static_cast<double>(op.gradientAccumulationSteps));
     o.Set("freezeModel", models::TrainableModeName(op.freezeModel));

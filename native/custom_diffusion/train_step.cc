@@ -55,6 +55,8 @@ TrainStep::TrainStep(std::shared_ptr<models::UNet2DConditionModel> unet, std::sh
   Require(o.adamBeta2 >= 0 && o.adamBeta2 < 1, "adamBeta2 must lie in [0, 1)");
   Require(std::isfinite(o.adamEpsilon) && o.adamEpsilon >= 0, "adamEpsilon must be a finite number ≥ 0");
   Require(std::isfinite(o.adamWeightDecay) && o.adamWeightDecay >= 0, "adamWeightDecay must be a finite number ≥ 0");
+  Require(std::isfinite(o.tokenLearningRateScale) && o.tokenLearningRateScale >= 0,
+          "tokenLearningRateScale must be a finite number ≥ 0");
   Require(std::isfinite(o.maxGradNorm), "maxGradNorm must be finite (≤ 0 disables clipping)");
   Require(o.gradientAccumulationSteps >= 1, "gradientAccumulationSteps must be ≥ 1");
   Require(std::isfinite(o.priorLossWeight) && o.priorLossWeight >= 0, "priorLossWeight must be a finite number ≥ 0");
@@ -92,14 +94,14 @@ TrainStep::TrainStep(std::shared_ptr<models::UNet2DConditionModel> unet, std::sh
     Require(p.scalar_type() == at::kFloat,
             "Training needs float32 trainable weights, but " + name + " is " + std::string(c10::toString(p.scalar_type())) +
                 ": load the UNet in float32 (mixedPrecision computes in bf16/fp16 with float32 weights)");
-    params_.push_back(Param{name, p, {}, {}, {}});
+    params_.push_back(Param{name, p, 1.0, {}, {}, {}});
   }
   Require(!params_.empty(), "The UNet has no cross-attention parameters to train");
   if (trainTokens_) {
     text_->SetAddedRowsTrainable(true);
     const at::Tensor rows = text_->AddedRows();
     Require(rows.scalar_type() == at::kFloat, "Training needs float32 token rows: load the text encoder in float32");
-    params_.push_back(Param{kAddedRowsName, rows, {}, {}, {}});
+    params_.push_back(Param{kAddedRowsName, rows, o.tokenLearningRateScale, {}, {}, {}});
   }
   at::NoGradGuard noGrad;
   for (auto& p : params_) {
@@ -443,12 +445,13 @@ StepResult TrainStep::Step(const StepBatch& batch, std::optional<at::Generator> 
   const double step = static_cast<double>(static_cast<float>(optimizerSteps_ + 1));  // torch keeps `step` as float32
   const double bc1 = 1 - std::pow(o.adamBeta1, step);
   const double bc2 = 1 - std::pow(o.adamBeta2, step);
-  const double stepSize = lr / bc1;
   const double bc2Sqrt = std::pow(bc2, 0.5);
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = params_[i];
     const at::Tensor& g = acc[i];
-    if (o.adamWeightDecay != 0) p.value.mul_(1 - lr * o.adamWeightDecay);
+    const double plr = lr * p.lrScale;
+    const double stepSize = plr / bc1;
+    if (o.adamWeightDecay != 0) p.value.mul_(1 - plr * o.adamWeightDecay);
     p.expAvg.lerp_(g, 1 - o.adamBeta1);
     p.expAvgSq.mul_(o.adamBeta2).addcmul_(g, g, 1 - o.adamBeta2);
     const at::Tensor denom = (p.expAvgSq.sqrt() / bc2Sqrt).add_(o.adamEpsilon);

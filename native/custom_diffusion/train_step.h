@@ -79,6 +79,8 @@ struct TrainStepOptions {
   std::vector<int64_t> tokenIds;
   // The learning rate after scale_lr (the trainer applies the scaling rule).
   double learningRate = 1e-5;
+  // The token rows' learning rate as a multiple of learningRate (1: one rate for all, as the paper).
+  double tokenLearningRateScale = 1.0;
   int64_t warmupSteps = 0;
   double adamBeta1 = 0.9;
   double adamBeta2 = 0.999;
@@ -179,6 +181,7 @@ class TrainStep {
   struct Param {
     std::string name;
     at::Tensor value;  // the model's own tensor (requires_grad), updated in place
+    double lrScale;    // multiplies the scheduled learning rate
     at::Tensor expAvg, expAvgSq;
     at::Tensor accum;  // accumulated gradient of the current cycle (undefined between cycles)
   };

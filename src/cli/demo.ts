@@ -17,6 +17,7 @@ export interface DemoCliOptions extends OverwriteOptions, DeviceOptions {
   outputDir?: string;
   steps?: number;
   learningRate?: number;
+  tokenLearningRate?: number;
   seed?: number;
   classImages?: number;
   evalSeeds?: number;
@@ -63,6 +64,7 @@ export function demoCommand(): Command {
     .option('-o, --output-dir <dir>', 'where the report and everything else go (default ./customdiff-demo)')
     .option('--steps <n>', 'training steps per concept (default 800)', intArg(0, 100_000))
     .option('--learning-rate <lr>', 'learning rate of the K/V weights and the token (default 1e-3)', numberArg({ gt: 0 }))
+    .option('--token-learning-rate <lr>', 'learning rate of the token (default 1e-2)', numberArg({ gt: 0 }))
     .option('--seed <n>', 'everything random follows from it (default 0)', intArg(0, 1_000_000))
     .option('--class-images <n>', 'class images for prior preservation (default 64)', intArg(1, 10_000))
     .option('--eval-seeds <n>', 'seeds per background for the concept prompts (default 3)', intArg(1, 1000))
@@ -106,6 +108,7 @@ export function demoCommand(): Command {
         overwrite: o.overwrite,
         steps: o.steps,
         learningRate: o.learningRate,
+        tokenLearningRate: o.tokenLearningRate,
         seed: o.seed,
         classImages: o.classImages,
         evalSeeds: o.evalSeeds,

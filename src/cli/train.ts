@@ -58,6 +58,7 @@ export interface TrainCliOptions extends OverwriteOptions, DeviceOptions {
   freezeModel?: 'crossattn_kv' | 'crossattn';
   // Optimisation
   learningRate?: number;
+  tokenLearningRate?: number;
   scaleLr?: boolean;
   numProcesses?: number;
   lrWarmupSteps?: number;
@@ -158,6 +159,7 @@ function buildCommand(): Command {
 
   cmd.optionsGroup('Optimisation:');
   cmd.option('--learning-rate <lr>', 'base learning rate (default 1e-5)', numberArg({ min: 0 }));
+  cmd.option('--token-learning-rate <lr>', 'base learning rate of the modifier tokens (default: --learning-rate; scaled alike)', numberArg({ min: 0 }));
   cmd.option('--no-scale-lr', 'use the learning rate as given (default: × accumulation × batch size × processes, × 2 with prior preservation)');
   cmd.option('--num-processes <n>', 'processes of the run the lr scaling assumes (default 1)', intArg(1));
   cmd.option('--lr-warmup-steps <n>', 'linear warmup steps (default 0)', intArg(0));
@@ -258,6 +260,7 @@ function toTrainOptions(ctx: CommandContext<TrainCliOptions>): { explicit: Train
   put('initializerToken', 'initializerTokens');
   put('freezeModel', 'freezeModel');
   put('learningRate', 'learningRate');
+  put('tokenLearningRate', 'tokenLearningRate');
   put('scaleLr', 'scaleLr');
   put('numProcesses', 'numProcesses');
   put('lrWarmupSteps', 'lrWarmupSteps');

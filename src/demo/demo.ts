@@ -101,6 +101,13 @@ export interface DemoOptions {
   steps?: number;
   /** Learning rate of the K/V weights and the token (default 1e-3, not scaled). */
   learningRate?: number;
+  /**
+   * Learning rate of the token rows (default 1e-2, ten times `learningRate`'s default: the concept
+   * then lives more in the token's own rows and less in the K/V weights, which on this small model
+   * drew the tile in 70 of 100 pictures instead of 47 and kept the merged model's plain prompts
+   * right in 77% instead of 49%).
+   */
+  tokenLearningRate?: number;
   /** Instance examples per step (default 4; as many class examples join them). */
   batchSize?: number;
   /** Everything random follows from it (default 0). */
@@ -333,6 +340,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
   const t0 = Date.now();
   const steps = positiveInt(options.steps, 'steps', 800, 0);
   const learningRate = positiveNumber(options.learningRate, 'learningRate', 1e-3);
+  const tokenLearningRate = positiveNumber(options.tokenLearningRate, 'tokenLearningRate', 1e-2);
   const batchSize = positiveInt(options.batchSize, 'batchSize', 4);
   const seed = positiveInt(options.seed, 'seed', 0, 0);
   if (seed > 1_000_000) throw new InvalidArgumentError(`seed must be at most 1000000, got ${seed}`);
@@ -517,6 +525,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         augment: { hflip: false, noaug: true },
         modifierTokens: ['<new1>'],
         learningRate,
+        tokenLearningRate,
         scaleLr: false,
         maxTrainSteps: steps,
         trainBatchSize: batchSize,
@@ -614,6 +623,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         model,
         steps,
         learningRate,
+        tokenLearningRate,
         batchSize,
         seed,
         instanceImages: nInstance,
@@ -748,9 +758,10 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
           `The ${e2} was trained alone as "${phrase(e2)}"; the merge renames its token ${tokenOf[1]}. ` +
             `With the merged delta, plain prompts are drawn right in ${pct(m.merged.plain.accuracy)} of pictures ` +
             `(${pct(m.base.plain.accuracy)} with the base model). The closed-form merge holds the plain captions' keys and values ` +
-            'only on the rows it regularises (each caption up to its end token), while the UNet also reads the start row and the ' +
-            'padding rows; this small model\'s deltas change the weights by 60-100% of their size, and the merge then moves those ' +
-            'free rows by about twice theirs (the README\'s section on the embedded model has the measurements).',
+            'only on the rows it regularises (each caption up to its end token), while the UNet also reads the start and padding ' +
+            'rows; and it keeps each concept\'s keys and values only on its target rows, while on this small model a delta also ' +
+            'relies on the rows after its token, which the merge holds to the base model (the README\'s section on the embedded ' +
+            'model has the measurements).',
           [
           { title: `base model: "${phrase(e2)} …"`, image: gridFiles['concept2-base'], rowLabels: rowLabels(c2.backgrounds) },
           { title: 'its own delta', image: gridFiles['concept2-delta'], rowLabels: rowLabels(c2.backgrounds) },
@@ -770,7 +781,7 @@ export async function runDemo(options: DemoOptions): Promise<DemoResult> {
         ['model', model],
         ['seconds per stage', Object.entries(seconds).map(([k, v]) => `${k} ${v.toFixed(1)}`).join(', ')],
         ['seconds in all', ((Date.now() - t0) / 1000).toFixed(1)],
-        ['training', `${steps} steps per concept, lr ${learningRate}, batch ${batchSize} + ${batchSize} class examples, 32 px`],
+        ['training', `${steps} steps per concept, lr ${learningRate} (token ${tokenLearningRate}), batch ${batchSize} + ${batchSize} class examples, 32 px`],
         ['deltas', [files.delta1, files.compressed1, files.delta2, files.merged].join('  ')],
         ['grids (PNG)', dirs.grids],
       ],

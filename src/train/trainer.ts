@@ -72,6 +72,8 @@ export interface TrainStepOptions {
   tokenIds?: number[];
   /** The learning rate after the scale_lr rule (default 1e-5). */
   learningRate?: number;
+  /** The token rows' learning rate as a multiple of `learningRate` (default 1: one rate for all). */
+  tokenLearningRateScale?: number;
   /** Linear warmup over this many optimizer steps (default 0; the first step then has lr 0). */
   warmupSteps?: number;
   adamBeta1?: number;
@@ -378,6 +380,12 @@ export interface TrainOptions {
   // -- Optimisation
   /** Default 1e-5. */
   learningRate?: number;
+  /**
+   * The modifier tokens' learning rate, before scaleLr as `learningRate` (default: `learningRate`,
+   * one rate for all as in the paper). A higher one puts more of the concept into the token's own
+   * text-encoder rows and less into the K/V weights, which the closed-form merge then moves less.
+   */
+  tokenLearningRate?: number;
   /** lr × gradientAccumulationSteps × trainBatchSize × numProcesses (× 2 with prior preservation). Default true. */
   scaleLr?: boolean;
   /** Processes of a distributed run, for scaleLr only (default 1). */
@@ -527,6 +535,7 @@ export function scaledLearningRate(
 interface Resolved {
   freezeModel: FreezeModel;
   learningRate: number;
+  tokenLearningRate: number | undefined;
   scaleLr: boolean;
   numProcesses: number;
   lrWarmupSteps: number;
@@ -562,6 +571,12 @@ function splitTokens(v: string[] | string | undefined, what: string): string[] |
     throw new InvalidArgumentError(`${what} must be a list of non-empty strings (or one string joined with "+")`);
   }
   return list.map((t) => t.trim());
+}
+
+/** The token rows' learning rate over the K/V weights' (scaleLr scales both alike). */
+function tokenLearningRateScale(r: Resolved): number {
+  if (r.tokenLearningRate === undefined || r.tokenLearningRate === r.learningRate) return 1;
+  return r.tokenLearningRate / r.learningRate;
 }
 
 function resolveOptions(o: TrainOptions): Resolved {
@@ -604,6 +619,9 @@ function resolveOptions(o: TrainOptions): Resolved {
       `${modifierTokens.length} modifier tokens but ${initializerTokens.length} initializer tokens: give one initializer token per modifier token`,
     );
   }
+  if (o.tokenLearningRate !== undefined && o.tokenLearningRate !== 0 && o.learningRate === 0) {
+    throw new InvalidArgumentError('tokenLearningRate trains the token at a multiple of learningRate, so learningRate must be above 0');
+  }
   if (!o.pretrainedModel && !o.models) throw new InvalidArgumentError('train() needs pretrainedModel (a diffusers folder) or models');
   if (o.pretrainedModel && o.models) throw new InvalidArgumentError('Give pretrainedModel or models, not both');
   if (o.resumeFromCheckpoint !== undefined && typeof o.resumeFromCheckpoint !== 'string') {
@@ -618,6 +636,7 @@ function resolveOptions(o: TrainOptions): Resolved {
   return {
     freezeModel,
     learningRate: num('learningRate', 1e-5, pos, 'a number ≥ 0'),
+    tokenLearningRate: o.tokenLearningRate === undefined ? undefined : num('tokenLearningRate', 0, pos, 'a number ≥ 0'),
     scaleLr: o.scaleLr ?? true,
     numProcesses: int('numProcesses', 1, 1),
     lrWarmupSteps: int('lrWarmupSteps', 0, 0),
@@ -812,6 +831,7 @@ async function runTraining(run: TrainingRun, o: TrainOptions, r: Resolved): Prom
         freezeModel: r.freezeModel,
         tokenIds: tokens.map((t) => t.id),
         learningRate: lr,
+        tokenLearningRateScale: tokenLearningRateScale(r),
         warmupSteps: r.lrWarmupSteps,
         adamBeta1: r.adamBeta1,
         adamBeta2: r.adamBeta2,

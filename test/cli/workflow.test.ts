@@ -142,12 +142,13 @@ describe('customdiff train', () => {
         'output-dir': 'face',
       }),
     );
-    const r = cli(['train', '--config', config, '--max-train-steps', '1', '--json'], cwd);
+    const r = cli(['train', '--config', config, '--max-train-steps', '1', '--token-learning-rate', '2e-4', '--json'], cwd);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const run = JSON.parse(fs.readFileSync(path.join(cwd, 'face', 'run.json'), 'utf8'));
     expect(run.steps).toBe(1); // the command line beat the file's 5 and the preset's 750
     expect(run.options.learningRate).toBe(5e-6); // from the face preset
+    expect(run.options.tokenLearningRate).toBe(2e-4);
     expect(run.options.resolution).toBe(32); // the file beat the preset's 512
 
     const bad = path.join(cwd, 'bad.json');

@@ -349,6 +349,36 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
     expect(rowErr).toBeLessThan(1e-5);
   });
 
+  it('gives the token rows their own learning rate (tokenLearningRateScale); the K/V steps stay the same', async () => {
+    const run = async (tokenLearningRateScale: number | undefined) => {
+      const m = await loadModels('sd1');
+      addToken(m, p);
+      const row0 = Array.from(m.textEncoder.tokenRows([p.modifier_token_id]).toArray() as Float32Array);
+      const step = TrainStep.create(m, { ...stepOptions(p), learningRate: 1e-3, tokenLearningRateScale });
+      try {
+        await step.step(batchOf(0));
+        const weights = await step.trainables();
+        const row = Array.from(m.textEncoder.tokenRows([p.modifier_token_id]).toArray() as Float32Array);
+        const kv = Object.fromEntries(Object.entries(weights).filter(([n]) => n !== step.addedRowsName).map(([n, t]) => [n, bytesOf(t)]));
+        return { kv, moved: row.map((v, i) => v - row0[i]) };
+      } finally {
+        step.dispose();
+        disposeModels(m);
+      }
+    };
+    const one = await run(undefined);
+    const ten = await run(10);
+    const frozen = await run(0);
+    // AdamW's move (decay and step) is proportional to the learning rate.
+    const big = one.moved.map((d, i) => [d, ten.moved[i]]).filter(([d]) => Math.abs(d) > 1e-5);
+    expect(big.length).toBeGreaterThan(one.moved.length / 2);
+    for (const [d, d10] of big) expect(Math.abs(d10 / d - 10)).toBeLessThan(1e-2);
+    expect(frozen.moved.every((d) => d === 0)).toBe(true);
+    for (const r of [ten, frozen]) {
+      for (const n of Object.keys(one.kv)) expect(r.kv[n].equals(one.kv[n])).toBe(true);
+    }
+  });
+
   it('accumulates gradients: only every N-th micro-batch updates, with the warmup schedule', async () => {
     const m = await loadModels('sd1');
     addToken(m, p);
@@ -412,6 +442,7 @@ describe('Custom Diffusion training step: contracts (sd1)', () => {
       expect(make({ mixedPrecision: 'fp16' })).toThrow(/needs a CUDA device/);
       expect(make({ tokenIds: [1514] })).toThrow(/0 added token rows but 1 modifier tokens/);
       expect(make({ gradientAccumulationSteps: 0 })).toThrow(InvalidArgumentError);
+      expect(make({ tokenLearningRateScale: -1 })).toThrow(/tokenLearningRateScale must be a finite number ≥ 0/);
       addToken(m, p);
       const step = TrainStep.create(m, stepOptions(p));
       try {

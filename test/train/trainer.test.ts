@@ -227,10 +227,27 @@ describe('train()', () => {
     expect(err.message).toMatch(/^Training step 2 of 3: The loss is nan/);
   });
 
+  it('tokenLearningRate gives the token its own rate: at 0 the token keeps its initial row while K/V train', async () => {
+    const runTo = async (name: string, o: Partial<TrainOptions>) => {
+      const r = await train({ ...base, outputDir: path.join(tmp.dir, name), ...o }).result;
+      return (await loadSafetensors(r.deltaPath!)).tensors;
+    };
+    const start = await runTo('token-lr-start', { maxTrainSteps: 0 });
+    const frozen = await runTo('token-lr-0', { maxTrainSteps: 2, tokenLearningRate: 0 });
+    const same = await runTo('token-lr-same', { maxTrainSteps: 2 });
+    const row = (t: Record<string, Tensor>) => Buffer.from((t['<new1>'].toArray() as Float32Array).buffer);
+    expect(row(frozen).equals(row(start))).toBe(true);
+    expect(row(same).equals(row(start))).toBe(false);
+    const kv = Object.keys(start).filter((n) => n !== '<new1>');
+    expect(kv.some((n) => !Buffer.from((frozen[n].toArray() as Float32Array).buffer).equals(Buffer.from((start[n].toArray() as Float32Array).buffer)))).toBe(true);
+    expect(() => train({ ...base, learningRate: 0, tokenLearningRate: 1e-3 })).toThrow(/learningRate must be above 0/);
+  });
+
   it('refuses bad options with clear errors', async () => {
     expect(() => train({ ...base, pretrainedModel: undefined })).toThrow(/needs pretrainedModel/);
     expect(() => train({ ...base, freezeModel: 'all' as never })).toThrow(/freezeModel must be 'crossattn_kv' or 'crossattn'/);
     expect(() => train({ ...base, learningRate: -1 })).toThrow(/learningRate must be a number ≥ 0/);
+    expect(() => train({ ...base, tokenLearningRate: -1 })).toThrow(/tokenLearningRate must be a number ≥ 0/);
     expect(() => train({ ...base, maxTrainSteps: 1.5 })).toThrow(/maxTrainSteps must be an integer/);
     expect(() => train({ ...base, gradientCheckpointing: 'yes' as never })).toThrow(/gradientCheckpointing must be true or false/);
     expect(() => train({ ...base, modifierTokens: ['<new1>', '<new2>'] })).toThrow(/2 modifier tokens but 1 initializer tokens/);
