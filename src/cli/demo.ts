@@ -63,7 +63,7 @@ export function demoCommand(): Command {
     .option('-m, --model <dir>', `a toy-world model folder (default: the embedded one, ${path.relative(process.cwd(), DEMO_MODEL_DIR) || DEMO_MODEL_DIR})`)
     .option('-o, --output-dir <dir>', 'where the report and everything else go (default ./customdiff-demo)')
     .option('--steps <n>', 'training steps per concept (default 800)', intArg(0, 100_000))
-    .option('--learning-rate <lr>', 'learning rate of the K/V weights and the token (default 1e-3)', numberArg({ gt: 0 }))
+    .option('--learning-rate <lr>', 'learning rate of the K/V weights (default 1e-3)', numberArg({ gt: 0 }))
     .option('--token-learning-rate <lr>', 'learning rate of the token (default 1e-2)', numberArg({ gt: 0 }))
     .option('--seed <n>', 'everything random follows from it (default 0)', intArg(0, 1_000_000))
     .option('--class-images <n>', 'class images for prior preservation (default 64)', intArg(1, 10_000))
