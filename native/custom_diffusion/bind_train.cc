@@ -253,7 +253,6 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
     o.Set("addedRowsName", TrainStep::kAddedRowsName);
     o.Set("predictionType", trainer->predictionType());
     o.Set("learningRate", op.learningRate);
-    o.Set("tokenLearningRateScale", op.tokenLearningRateScale);
     o.Set("warmupSteps", static_cast<double>(op.warmupSteps));
     o.Set("gradientAccumulationSteps", static_cast<double>(op.gradientAccumulationSteps));
     o.Set("freezeModel", models::TrainableModeName(op.freezeModel));

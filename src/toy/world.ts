@@ -164,7 +164,12 @@ const SEEN_COMBOS = toyCombos('seen');
 
 /** The caption of a picture: "a small red circle on a blue background". */
 export function toyCaption(attrs: ToyAttributes): string {
-  return `a ${attrs.size} ${attrs.colour} ${attrs.shape} on a ${attrs.background} background`;
+  return phraseToy(attrs, true, true);
+}
+
+/** The world's caption with or without its opening "a" and its size word. */
+function phraseToy(attrs: ToyAttributes, article: boolean, size: boolean): string {
+  return `${article ? 'a ' : ''}${size ? `${attrs.size} ` : ''}${attrs.colour} ${attrs.shape} on a ${attrs.background} background`;
 }
 
 /** How often {@link toyCaptionVariant} leaves out the opening "a", and the size word. */
@@ -181,8 +186,7 @@ export const TOY_CAPTION_DROP = { article: 0.5, size: 0.3 } as const;
 export function toyCaptionVariant(attrs: ToyAttributes, rng: Rng): string {
   const article = !rng.bernoulli(TOY_CAPTION_DROP.article);
   const size = !rng.bernoulli(TOY_CAPTION_DROP.size);
-  const words = [article ? 'a' : '', size ? attrs.size : '', attrs.colour, attrs.shape, 'on a', attrs.background, 'background'];
-  return words.filter(Boolean).join(' ');
+  return phraseToy(attrs, article, size);
 }
 
 /**

@@ -575,8 +575,8 @@ function splitTokens(v: string[] | string | undefined, what: string): string[] |
 
 /** The token rows' learning rate over the K/V weights' (scaleLr scales both alike). */
 function tokenLearningRateScale(r: Resolved): number {
-  if (r.tokenLearningRate === undefined || r.tokenLearningRate === r.learningRate) return 1;
-  return r.tokenLearningRate / r.learningRate;
+  // learningRate 0 leaves tokenLearningRate 0 (resolveOptions): nothing trains, at any scale.
+  return r.tokenLearningRate === undefined || r.learningRate === 0 ? 1 : r.tokenLearningRate / r.learningRate;
 }
 
 function resolveOptions(o: TrainOptions): Resolved {
@@ -619,9 +619,6 @@ function resolveOptions(o: TrainOptions): Resolved {
       `${modifierTokens.length} modifier tokens but ${initializerTokens.length} initializer tokens: give one initializer token per modifier token`,
     );
   }
-  if (o.tokenLearningRate !== undefined && o.tokenLearningRate !== 0 && o.learningRate === 0) {
-    throw new InvalidArgumentError('tokenLearningRate trains the token at a multiple of learningRate, so learningRate must be above 0');
-  }
   if (!o.pretrainedModel && !o.models) throw new InvalidArgumentError('train() needs pretrainedModel (a diffusers folder) or models');
   if (o.pretrainedModel && o.models) throw new InvalidArgumentError('Give pretrainedModel or models, not both');
   if (o.resumeFromCheckpoint !== undefined && typeof o.resumeFromCheckpoint !== 'string') {
@@ -633,10 +630,15 @@ function resolveOptions(o: TrainOptions): Resolved {
   if (o.validationPrompt !== undefined && typeof o.validationPrompt !== 'string') throw new InvalidArgumentError('validationPrompt must be a string');
   if (o.sample !== undefined && typeof o.sample !== 'function') throw new InvalidArgumentError('sample must be a function');
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new InvalidArgumentError('signal must be an AbortSignal');
+  const learningRate = num('learningRate', 1e-5, pos, 'a number ≥ 0');
+  const tokenLearningRate = o.tokenLearningRate === undefined ? undefined : num('tokenLearningRate', 0, pos, 'a number ≥ 0');
+  if (tokenLearningRate && learningRate === 0) {
+    throw new InvalidArgumentError('tokenLearningRate trains the token at a multiple of learningRate, so learningRate must be above 0');
+  }
   return {
     freezeModel,
-    learningRate: num('learningRate', 1e-5, pos, 'a number ≥ 0'),
-    tokenLearningRate: o.tokenLearningRate === undefined ? undefined : num('tokenLearningRate', 0, pos, 'a number ≥ 0'),
+    learningRate,
+    tokenLearningRate,
     scaleLr: o.scaleLr ?? true,
     numProcesses: int('numProcesses', 1, 1),
     lrWarmupSteps: int('lrWarmupSteps', 0, 0),
